@@ -1,0 +1,185 @@
+"""Run store: one directory per (stage, parameters), written atomically, read back safely.
+
+    runs/<stage>/<hash>/params.yaml     resolved parameters (written first)
+                        checkpoint.pt   training state after the last complete epoch (while running)
+                        model.pt        final weights (a state_dict)
+                        *.json          history, predictions, ...
+                        metrics.json    written last: its presence means the run is finished
+
+The hash is taken over the parameters that decide the result (see `params.identity`), so the
+same parameters find the same run and a finished stage is reused instead of recomputed.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import yaml
+
+from . import params as params_mod
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Bump when the meaning of stored runs changes, so old runs are not reused by mistake.
+STORE_FORMAT = 1
+
+
+class RunStoreError(RuntimeError):
+    """A run or file in the store is missing or unreadable; the message says which and why."""
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """Relative paths are taken from the repository root, so notebooks work from any folder."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+# ---------------------------------------------------------------- atomic writes and safe reads
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Write through `write(file)` into a temp file beside `path`, fsync, then rename over `path`.
+
+    A crash leaves either the old file or the new one, never a partial file under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    data = json.dumps(obj, indent=1, allow_nan=False).encode()
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunStoreError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunStoreError(f"{path} is not valid JSON ({e}); delete the run folder to recompute it") from None
+
+
+def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Load tensors and plain containers with `weights_only=True`: no code from the file runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunStoreError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for truncated, foreign or malicious files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunStoreError(f"checkpoint {path} cannot be loaded safely: {reason}") from None
+
+
+# ---------------------------------------------------------------- runs
+def run_key(stage: str, values: Mapping[str, Any]) -> str:
+    ident = {"stage": stage, "format": STORE_FORMAT, "params": params_mod.identity(values)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class Run:
+    """One stage's outputs for one parameter set."""
+
+    def __init__(self, store: "RunStore", stage: str, key: str):
+        self.store, self.stage, self.key = store, stage, key
+        self.dir = store.root / stage / key
+
+    def __repr__(self) -> str:
+        return f"Run({self.stage}/{self.key}{', done' if self.done else ''})"
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    @property
+    def done(self) -> bool:
+        return self.path("metrics.json").is_file()
+
+    @property
+    def params(self) -> dict[str, Any]:
+        try:
+            return yaml.safe_load(self.path("params.yaml").read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise RunStoreError(f"{self.path('params.yaml')} is unreadable: {e}") from None
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return write_json(self.path(name), obj)
+
+    def read_json(self, name: str) -> Any:
+        return read_json(self.path(name))
+
+    def save_weights(self, state_dict: Mapping[str, torch.Tensor], name: str = "model.pt") -> Path:
+        return save_torch(self.path(name), dict(state_dict))
+
+    def load_weights(self, name: str = "model.pt") -> dict[str, torch.Tensor]:
+        sd = load_torch(self.path(name))
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise RunStoreError(f"{self.path(name)} is not a state_dict")
+        return sd
+
+    def finish(self, metrics: Mapping[str, Any]) -> None:
+        """Mark the run finished by writing metrics.json, the last file of every run."""
+        self.write_json("metrics.json", dict(metrics))
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        if not self.done:
+            raise RunStoreError(f"run {self.dir} is not finished (no metrics.json)")
+        return self.read_json("metrics.json")
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator["Run"]:
+        """Exclusive lock on this run: a second process computing the same run waits, then reuses it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.path(".lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield self
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class RunStore:
+    def __init__(self, root: str | os.PathLike = "runs"):
+        self.root = resolve(root)
+
+    def run(self, stage: str, values: Mapping[str, Any]) -> Run:
+        """The run of `stage` for these (validated) parameters; its folder and params.yaml are created."""
+        run = Run(self, stage, run_key(stage, values))
+        if not run.path("params.yaml").is_file():
+            run.dir.mkdir(parents=True, exist_ok=True)
+            write_text(run.path("params.yaml"), yaml.safe_dump(dict(values), sort_keys=True))
+        return run
+
+    def runs(self, stage: str | None = None) -> list[Run]:
+        """Every run folder of `stage` (or of all stages), finished or not."""
+        if not self.root.is_dir():
+            return []
+        stage_dirs = [self.root / stage] if stage else sorted(p for p in self.root.iterdir() if p.is_dir())
+        return [Run(self, d.name, p.name) for d in stage_dirs if d.is_dir() for p in sorted(d.iterdir()) if p.is_dir()]

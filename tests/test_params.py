@@ -1,0 +1,92 @@
+import json
+import subprocess
+
+import nbformat
+import pytest
+import yaml
+
+from resnet_lab import params
+from resnet_lab.params import ParamsError
+
+from conftest import PARAMS, ROOT
+
+STAGE_OF = {"bench.yaml": "bench"}
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in PARAMS.glob("*.yaml") if p.name != "report.yaml"))
+def test_every_params_file_validates(path):
+    p = params.load(PARAMS / path, STAGE_OF.get(path, "baseline"))
+    assert set(p) == set(params.SCHEMAS[STAGE_OF.get(path, "baseline")])
+
+
+def test_misspelled_key_is_named_with_suggestion_and_allowed_keys():
+    with pytest.raises(ParamsError) as e:
+        params.validate({"epochz": 3}, "baseline")
+    msg = str(e.value)
+    assert "'epochz'" in msg and "did you mean 'epochs'" in msg and "batch_size" in msg
+
+
+@pytest.mark.parametrize("key, value, expect", [
+    ("epochs", 0, "out of range"),
+    ("epochs", 2.5, "has type float"),
+    ("epochs", True, "has type bool"),
+    ("lr", 0.0, "out of range"),
+    ("lr", float("nan"), "out of range"),
+    ("val_fraction", 0.9, "out of range"),
+    ("optimizer", "sgdd", "one of 'sgd', 'adam', 'adamw'"),
+    ("data", "imagenet", "one of 'mini'"),
+    ("nesterov", "yes", "has type str"),
+])
+def test_bad_values_are_refused_naming_key_and_allowed_values(key, value, expect):
+    with pytest.raises(ParamsError) as e:
+        params.validate({key: value}, "baseline")
+    assert f"'{key}'" in str(e.value) and expect in str(e.value)
+
+
+def test_int_is_accepted_for_float_and_defaults_fill_in():
+    p = params.validate({"lr": 1}, "baseline")
+    assert p["lr"] == 1.0 and isinstance(p["lr"], float)
+    assert p["epochs"] == params.SCHEMAS["baseline"]["epochs"].default
+
+
+def test_yaml_that_is_not_a_mapping_is_refused(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("- 1\n- 2\n")
+    with pytest.raises(ParamsError, match="must hold a mapping"):
+        params.load(f, "baseline")
+    f.write_text("epochs: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        params.load(f, "baseline")
+
+
+def test_from_notebook_catches_papermill_injected_unknown_key():
+    namespace = {"In": [], "Out": {}, "epochs": 3, "lerning_rate": 0.1, "_hidden": 1, "get_ipython": print}
+    with pytest.raises(ParamsError, match="'lerning_rate'"):
+        params.from_notebook(namespace, "baseline")
+    assert params.from_notebook({"epochs": 3, "In": []}, "baseline")["epochs"] == 3
+
+
+def test_notebook_parameters_cell_equals_baseline_yaml():
+    nb = nbformat.read(ROOT / "notebooks" / "01_baseline.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    namespace = {}
+    exec(cell.source, namespace)
+    namespace.pop("__builtins__")
+    assert namespace == yaml.safe_load((PARAMS / "baseline.yaml").read_text())
+
+
+def test_identity_ignores_presentation_keys_only():
+    a = params.validate({}, "baseline")
+    b = dict(a, run_root="/elsewhere", progress=False, reuse=False)
+    assert params.identity(a) == params.identity(b)
+    assert params.identity(a) != params.identity(dict(a, epochs=a["epochs"] + 1))
+
+
+def test_cli_check_fails_fast_naming_the_key(tmp_path, python):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((PARAMS / "baseline.yaml").read_text() + "batchsize: 64\n")
+    r = subprocess.run([python, "-m", "resnet_lab", "check", str(bad)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2
+    assert "unknown parameter 'batchsize' (did you mean 'batch_size'?)" in r.stderr
+    ok = subprocess.run([python, "-m", "resnet_lab", "check", str(PARAMS / "smoke.yaml")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert ok.returncode == 0 and json.loads(ok.stdout.split("\n", 1)[1])["data"] == "synthetic"
