@@ -1,0 +1,59 @@
+"""The CIFAR ResNet18 (He et al. 2016, as in kuangliu/pytorch-cifar), with a width parameter.
+
+3x3 stem (stride 1, no max-pool), four stages of two BasicBlocks with w, 2w, 4w, 8w channels,
+1x1 conv + BN shortcuts where the shape changes, global average pooling, a linear classifier.
+At width 64: 11,173,962 parameters and 555,422,720 conv+linear MACs per 32x32 image.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, blocks_per_stage: tuple[int, ...] = (2, 2, 2, 2), width: int = 64, num_classes: int = 10):
+        super().__init__()
+        self.width = width
+        self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        stages, in_channels = [], width
+        for i, n in enumerate(blocks_per_stage):
+            channels, stride = width * 2**i, 1 if i == 0 else 2
+            blocks = []
+            for j in range(n):
+                blocks.append(BasicBlock(in_channels, channels, stride if j == 0 else 1))
+                in_channels = channels
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.linear = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return self.linear(out)
+
+
+def resnet18(width: int = 64, num_classes: int = 10) -> ResNet:
+    return ResNet((2, 2, 2, 2), width=width, num_classes=num_classes)
