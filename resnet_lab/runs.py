@@ -114,6 +114,13 @@ class Run:
     def __repr__(self) -> str:
         return f"Run({self.stage}/{self.key}{', done' if self.done else ''})"
 
+    def __str__(self) -> str:
+        """The run folder, relative to the repository root when it lies inside it."""
+        try:
+            return str(self.dir.relative_to(PROJECT_ROOT))
+        except ValueError:
+            return str(self.dir)
+
     def path(self, name: str) -> Path:
         return self.dir / name
 

@@ -1,0 +1,78 @@
+import math
+
+import pytest
+import torch
+
+from resnet_lab import data, models, runs, train
+from resnet_lab.train import TrainingDiverged
+
+
+def _fit(p, checkpoint=None):
+    torch.manual_seed(p["seed"])
+    model = models.resnet18(p["width"])
+    return model, train.fit(model, data.from_params(p), p, checkpoint)
+
+
+def test_training_learns_the_synthetic_task(smoke):
+    p = dict(smoke, epochs=4)
+    _, history = _fit(p)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_acc"] > 50 and history[-1]["test_acc"] > 50  # 10 classes: chance is 10%
+    for key in ("lr", "train_acc", "val_loss", "test_loss", "epoch_time_s"):
+        assert all(math.isfinite(r[key]) for r in history)
+
+
+@pytest.mark.parametrize("optimizer, scheduler", [("sgd", "step"), ("adam", "cosine"), ("adamw", "none")])
+def test_every_optimizer_and_schedule_runs(smoke, optimizer, scheduler):
+    p = dict(smoke, epochs=2, optimizer=optimizer, scheduler=scheduler, lr=1e-3, step_size=1, gamma=0.5,
+             label_smoothing=0.1, test_each_epoch=False)
+    _, history = _fit(p)
+    assert "test_acc" not in history[0] and "val_acc" in history[0]
+    if scheduler == "step":
+        assert history[1]["lr"] == pytest.approx(history[0]["lr"] * 0.5)
+
+
+def test_nan_loss_stops_with_a_clear_message(smoke):
+    with pytest.raises(TrainingDiverged, match="lower the learning rate"):
+        _fit(dict(smoke, lr=1e6, scheduler="none", epochs=2))
+
+
+def test_resume_after_interruption_gives_the_same_history(smoke, tmp_path, monkeypatch):
+    p = dict(smoke, epochs=3)
+    _, uninterrupted = _fit(p)
+
+    checkpoint = tmp_path / "checkpoint.pt"
+    real_save, saves = runs.save_torch, []
+
+    def save_then_die(path, obj):
+        real_save(path, obj)
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # killed right after epoch 2's checkpoint
+
+    monkeypatch.setattr(runs, "save_torch", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(p, checkpoint)
+    monkeypatch.setattr(runs, "save_torch", real_save)
+    _, resumed = _fit(p, checkpoint)
+    strip = lambda h: [{k: v for k, v in r.items() if not k.endswith("time_s")} for r in h]  # noqa: E731
+    assert strip(resumed) == strip(uninterrupted)
+
+
+def test_baseline_stage_stores_and_then_reuses_its_run(smoke):
+    first = train.baseline(smoke)
+    assert not first.reused and first.run.done
+    names = {f.name for f in first.run.dir.iterdir()}
+    assert {"params.yaml", "model.pt", "history.json", "predictions.json", "metrics.json"} <= names
+    assert "checkpoint.pt" not in names and not any(n.endswith(".tmp") for n in names)
+    m = first.metrics
+    assert m["params"] == sum(p.numel() for p in first.model.parameters())
+    assert m["size_bytes"] > 4 * m["params"] and m["throughput_img_s"] > 0
+    assert len(first.test_predictions) == len(first.dataset.test)
+    second = train.baseline(smoke)
+    assert second.reused and second.run.dir == first.run.dir
+    assert second.metrics == m
+    x = torch.randn(2, 3, 32, 32)
+    first.model.eval(), second.model.eval()
+    assert torch.equal(first.model(x), second.model(x))
