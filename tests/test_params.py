@@ -73,6 +73,7 @@ def test_notebook_parameters_cell_equals_baseline_yaml():
     exec(cell.source, namespace)
     namespace.pop("__builtins__")
     assert namespace == yaml.safe_load((PARAMS / "baseline.yaml").read_text())
+    assert set(namespace) == set(params.SCHEMAS["baseline"])  # every knob visible, papermill warns of none
 
 
 def test_identity_ignores_presentation_keys_only():

@@ -1,0 +1,65 @@
+"""Command line over the same verbs the notebooks call.
+
+    python -m resnet_lab check params/baseline.yaml          validate a params file
+    python -m resnet_lab train params/baseline.yaml          train (or reuse) the baseline run
+    python -m resnet_lab report [--profile smoke]            run and render every notebook
+    python -m resnet_lab bench [params/bench.yaml]           training-throughput benchmark
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import params
+from .runs import PROJECT_ROOT, RunStoreError, resolve, write_json
+from .data import DataUnavailable
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m resnet_lab", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="validate a params file against a stage's schema")
+    c.add_argument("file")
+    c.add_argument("--stage", default="baseline", choices=sorted(params.SCHEMAS))
+    t = sub.add_parser("train", help="train the baseline for a params file (reuses a finished run)")
+    t.add_argument("file")
+    r = sub.add_parser("report", help="execute the notebooks with papermill and render HTML reports")
+    r.add_argument("--profile", default="default")
+    r.add_argument("--out", default="reports")
+    r.add_argument("--only", nargs="*", help="notebook names to run (default: all of the profile)")
+    b = sub.add_parser("bench", help="training throughput: pipeline vs compute limit vs stock DataLoader")
+    b.add_argument("file", nargs="?", default=str(PROJECT_ROOT / "params" / "bench.yaml"))
+    b.add_argument("--json", default="reports/bench.json", help="where to write the figures")
+    a = ap.parse_args(argv)
+
+    try:
+        if a.cmd == "check":
+            p = params.load(a.file, a.stage)
+            print(f"{a.file}: valid for stage '{a.stage}'")
+            print(json.dumps(p, indent=1))
+        elif a.cmd == "train":
+            from . import train
+
+            result = train.baseline(params.load(a.file, "baseline"))
+            state = "reused" if result.reused else "trained"
+            print(f"{state} {result.run.dir}: test accuracy {result.metrics['test_acc']:.2f}%")
+        elif a.cmd == "report":
+            from . import report
+
+            return report.build(a.profile, a.out, a.only)
+        elif a.cmd == "bench":
+            from . import bench
+
+            result = bench.run(params.load(a.file, "bench"))
+            print(bench.describe(result))
+            write_json(resolve(a.json), result)
+    except (params.ParamsError, DataUnavailable, RunStoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

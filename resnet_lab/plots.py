@@ -1,0 +1,90 @@
+"""Figures for the reports (seaborn on matplotlib): every one titled, with labelled axes and units."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+import torch
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def training_curves(history: Sequence[dict], title: str = "Training curves") -> plt.Figure:
+    """Loss, accuracy and learning rate per epoch for the train / val / test splits."""
+    df = pd.DataFrame(history)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy (%)")):
+        long = df.melt(id_vars="epoch", value_vars=[c for c in (f"train_{metric}", f"val_{metric}", f"test_{metric}") if c in df],
+                       var_name="split", value_name=metric)
+        long["split"] = long["split"].str.replace(f"_{metric}", "")
+        sns.lineplot(data=long, x="epoch", y=metric, hue="split", marker="o", ax=ax)
+        ax.set(title=f"{label.split(' (')[0].capitalize()} per epoch", xlabel="epoch", ylabel=label)
+    sns.lineplot(data=df, x="epoch", y="lr", marker="o", ax=axes[2], color="tab:gray")
+    axes[2].set(title="Learning rate at the end of each epoch", xlabel="epoch", ylabel="learning rate")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion(cm: torch.Tensor, classes: Sequence[str], title: str = "Confusion matrix (test set)") -> plt.Figure:
+    """Rows: true class; columns: predicted class; cells: share of the true class (%)."""
+    counts = cm.double()
+    share = 100 * counts / counts.sum(1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    sns.heatmap(share.numpy(), annot=True, fmt=".0f", cmap="Blues", xticklabels=classes, yticklabels=classes,
+                cbar_kws={"label": "share of the true class (%)"}, ax=ax)
+    ax.set(title=title, xlabel="predicted class", ylabel="true class")
+    fig.tight_layout()
+    return fig
+
+
+def per_class_accuracy(cm: torch.Tensor, classes: Sequence[str], title: str = "Accuracy per class (test set)") -> plt.Figure:
+    acc = (100 * cm.diag().double() / cm.sum(1).double().clamp(min=1)).numpy()
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    sns.barplot(x=list(classes), y=acc, hue=list(classes), palette="viridis", legend=False, ax=ax)
+    overall = 100 * cm.diag().sum().item() / max(cm.sum().item(), 1)
+    ax.axhline(overall, color="black", linestyle="--", label=f"overall {overall:.1f}%")
+    ax.set(title=title, xlabel="class", ylabel="accuracy (%)", ylim=(0, 100))
+    ax.legend(loc="lower right")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+def sample_predictions(images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor, classes: Sequence[str],
+                       n: int = 24, cols: int = 8, title: str = "Sample test predictions") -> plt.Figure:
+    """uint8 NCHW images with 'predicted (true)' captions; wrong predictions in red."""
+    n = min(n, len(images))
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(images[i].permute(1, 2, 0).numpy())
+        ok = preds[i] == labels[i]
+        ax.set_title(f"{classes[preds[i]]}\n({classes[labels[i]]})", fontsize=8, color="darkgreen" if ok else "red")
+    fig.suptitle(f"{title}: predicted (true); red = wrong")
+    fig.tight_layout()
+    return fig
+
+
+def metrics_table(m: dict) -> pd.DataFrame:
+    """A two-column table (metric, value) with units, for the report."""
+    rows = [
+        ("test accuracy (%)", f"{m['test_acc']:.2f}"),
+        ("validation accuracy (%)", "–" if m.get("val_acc") is None else f"{m['val_acc']:.2f}"),
+        ("test loss", f"{m['test_loss']:.4f}"),
+        ("parameters", f"{m['params']:,}"),
+        ("nonzero parameters", f"{m['nonzero_params']:,}"),
+        ("MACs per image (conv + linear)", f"{m['macs']:,}"),
+        ("size on disk (MB)", f"{m['size_bytes'] / 1e6:.2f}"),
+        (f"CPU throughput at batch {m['batch_size']} (img/s)", f"{m['throughput_img_s']:.0f}"),
+        (f"CPU latency at batch {m['batch_size']} (ms)", f"{m['latency_ms']:.1f}"),
+        ("training time (s, excluding per-epoch evaluation)", f"{m['train_time_s']:.0f}"),
+        ("training + evaluation time (s)", f"{m['train_and_eval_time_s']:.0f}"),
+        ("training device", m["train_device"]),
+    ]
+    return pd.DataFrame(rows, columns=["metric", "value"]).set_index("metric")

@@ -1,0 +1,127 @@
+"""`make report`: run every notebook with papermill, render each to HTML, link them from an index.
+
+Which notebooks run, in which order, with which params file per profile, is the table in
+params/report.yaml (one line per notebook).
+"""
+from __future__ import annotations
+
+import html
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import params as params_mod
+from .runs import PROJECT_ROOT, resolve, write_text
+
+KERNEL = "resnet-lab"
+HEADLINE_KEY = "resnet_lab/headline"
+PLAN_FILE = PROJECT_ROOT / "params" / "report.yaml"
+
+
+def headline(text: str) -> None:
+    """Show a one-line result in the notebook; the report index quotes it."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(f"**Result:** {text}"), metadata={HEADLINE_KEY: text})
+
+
+def plan(profile: str = "default", only: list[str] | None = None) -> list[tuple[str, Path]]:
+    """(notebook name, params file) pairs for a profile, in run order."""
+    table = params_mod.read_yaml(PLAN_FILE)
+    steps = []
+    for name, by_profile in table.items():
+        if only and name not in only:
+            continue
+        if not isinstance(by_profile, dict) or profile not in by_profile:
+            known = sorted({p for v in table.values() if isinstance(v, dict) for p in v})
+            raise params_mod.ParamsError(f"{PLAN_FILE}: notebook {name} has no params file for profile "
+                                         f"'{profile}'; profiles: {', '.join(known)}")
+        steps.append((name, PROJECT_ROOT / "params" / by_profile[profile]))
+    if only and len(steps) != len(only):
+        raise params_mod.ParamsError(f"unknown notebook(s) {sorted(set(only) - {s[0] for s in steps})}; known: {', '.join(table)}")
+    return steps
+
+
+def build(profile: str = "default", out: str | Path = "reports", only: list[str] | None = None,
+          overrides: dict[str, Any] | None = None) -> int:
+    """Run and render the notebooks of `profile`; return 0, or 1 naming the notebook and cell that failed."""
+    import papermill as pm
+
+    out = resolve(out)
+    out.mkdir(parents=True, exist_ok=True)
+    done: list[dict] = []
+    failure = None
+    for name, params_file in plan(profile, only):
+        values = {**params_mod.read_yaml(params_file), **(overrides or {})}
+        executed = out / f"{name}.ipynb"
+        print(f"[report] {name} with {params_file.relative_to(PROJECT_ROOT)}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            pm.execute_notebook(PROJECT_ROOT / "notebooks" / f"{name}.ipynb", executed, parameters=values,
+                                kernel_name=KERNEL, cwd=str(PROJECT_ROOT), progress_bar=False)
+        except pm.PapermillExecutionError as e:
+            failure = f"{name} failed in cell [{e.exec_count}]: {e.ename}: {e.evalue}"
+        seconds = time.perf_counter() - t0
+        if executed.is_file():
+            render_html(executed, out / f"{name}.html")
+        done.append({"name": name, "params": params_file.name, "seconds": seconds,
+                     "headline": read_headline(executed) if executed.is_file() else None, "failed": bool(failure)})
+        if failure:
+            break
+    write_index(out / "index.html", done, profile)
+    print("[report] wall time: " + ", ".join(f"{d['name']} {d['seconds']:.0f} s" for d in done)
+          + f"; total {sum(d['seconds'] for d in done):.0f} s", flush=True)
+    if failure:
+        print(f"[report] FAILED: {failure}. The executed notebook, with the error, is {out / (done[-1]['name'] + '.html')}",
+              file=sys.stderr)
+        return 1
+    print(f"[report] open {out / 'index.html'}")
+    return 0
+
+
+def render_html(notebook: Path, target: Path) -> Path:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(template_name="lab", exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    return write_text(target, body)
+
+
+def read_headline(notebook: Path) -> str | None:
+    import nbformat
+
+    for cell in nbformat.read(notebook, as_version=4).cells:
+        for output in cell.get("outputs", []):
+            text = output.get("metadata", {}).get(HEADLINE_KEY)
+            if text:
+                return text
+    return None
+
+
+def write_index(path: Path, entries: list[dict], profile: str) -> Path:
+    rows = "\n".join(
+        f"<tr><td><a href='{html.escape(e['name'])}.html'>{html.escape(e['name'])}</a></td>"
+        f"<td>{'<b class=fail>FAILED</b> ' if e['failed'] else ''}{html.escape(e['headline'] or '')}</td>"
+        f"<td><code>params/{html.escape(e['params'])}</code></td><td class=num>{e['seconds']:.0f} s</td></tr>"
+        for e in entries)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>resnet-lab reports</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; }}
+table {{ border-collapse: collapse; width: 100%; }}
+th, td {{ text-align: left; padding: .5rem .7rem; border-bottom: 1px solid #ddd; vertical-align: top; }}
+th {{ background: #f3f3f3; }} .num {{ text-align: right; white-space: nowrap; }} .fail {{ color: #b00; }}
+</style></head><body>
+<h1>resnet-lab reports</h1>
+<p>Profile <code>{html.escape(profile)}</code>, generated {datetime.now().strftime('%Y-%m-%d %H:%M')}.
+Each report is a notebook executed by papermill; its parameters are in the first cells.</p>
+<table><thead><tr><th>report</th><th>result</th><th>parameters</th><th>run time</th></tr></thead>
+<tbody>
+{rows}
+</tbody></table>
+</body></html>
+"""
+    return write_text(path, page)

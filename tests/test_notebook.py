@@ -1,0 +1,49 @@
+"""End to end: the notebook through papermill (the README's command) and `make report`'s pipeline."""
+import subprocess
+
+import nbformat
+import pytest
+
+from resnet_lab import report
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _outputs(nb):
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+def test_papermill_command_from_the_repo_root(tmp_path):
+    out = tmp_path / "out.ipynb"
+    cmd = ["papermill", "notebooks/01_baseline.ipynb", str(out), "-f", "params/smoke.yaml",
+           "-p", "run_root", str(tmp_path / "runs"), "-p", "progress", "False"]
+    r = subprocess.run([str(ROOT / ".venv/bin" / cmd[0]), *cmd[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    outputs = _outputs(nbformat.read(out, as_version=4))
+    assert not [o for o in outputs if o.output_type == "error"]
+    pngs = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(pngs) == 4  # curves, per-class accuracy, confusion matrix, samples; none shown twice
+    assert any(report.HEADLINE_KEY in o.get("metadata", {}) for o in outputs)
+
+
+def test_report_builds_index_and_html_then_reuses_everything(tmp_path, capsys):
+    out, overrides = tmp_path / "reports", {"run_root": str(tmp_path / "runs"), "progress": False}
+    assert report.build("smoke", out, overrides=overrides) == 0
+    index = (out / "index.html").read_text()
+    assert "href='01_baseline.html'" in index and "test accuracy" in index
+    html = (out / "01_baseline.html").read_text()
+    assert html.count("<img") >= 4 and "Traceback" not in html
+    assert "trained now into" in html
+    assert report.build("smoke", out, overrides=overrides) == 0  # second run: reuses the stored run
+    assert "reused from" in (out / "01_baseline.html").read_text()
+
+
+def test_report_fails_naming_the_notebook_and_the_bad_key(tmp_path, capsys):
+    code = report.build("smoke", tmp_path / "reports", overrides={"run_root": str(tmp_path / "runs"), "epohcs": 1})
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "01_baseline failed in cell" in err and "ParamsError" in err and "'epohcs'" in err
+    assert not (tmp_path / "runs").exists()  # refused before any work
+    assert "FAILED" in (tmp_path / "reports" / "index.html").read_text()
