@@ -66,13 +66,17 @@ def run(p: dict) -> dict:
     fixed_x, fixed_y = next(iter(ours))
     loader = torch.utils.data.DataLoader(StockCIFAR(dataset.train.images, dataset.train.labels), batch_size=bs,
                                          shuffle=True, drop_last=True, num_workers=p["stock_workers"],
-                                         persistent_workers=p["stock_workers"] > 0, pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda")
 
     def stock_batches():
         for x, y in _forever(lambda e: iter(loader)):
             yield x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
 
-    sources = {"pipeline": _forever(our_epoch), "limit": itertools.repeat((fixed_x, fixed_y)), "stock": stock_batches()}
+    # Each round starts a fresh iterator and closes it after timing: the stock workers are started
+    # in the untimed warm-up and shut down before the next pipeline is timed, so their prefetching
+    # never steals the CPU from another pipeline's measurement.
+    sources = {"pipeline": lambda: _forever(our_epoch), "limit": lambda: itertools.repeat((fixed_x, fixed_y)),
+               "stock": stock_batches}
 
     def step(x, y):
         with train.autocast(device, dtype):
@@ -83,7 +87,8 @@ def run(p: dict) -> dict:
 
     rates: dict[str, list[float]] = {k: [] for k in sources}
     for _ in range(p["rounds"]):
-        for name, batches in sources.items():
+        for name, make in sources.items():
+            batches = make()
             for _ in range(p["warmup_steps"]):
                 step(*next(batches))
             metrics._sync(device)
@@ -92,6 +97,8 @@ def run(p: dict) -> dict:
                 step(*next(batches))
             metrics._sync(device)
             rates[name].append(p["steps"] * bs / (time.perf_counter() - t0))
+            if hasattr(batches, "close"):
+                batches.close()
     med = {k: statistics.median(v) for k, v in rates.items()}
     return {"device": str(device), "machine": metrics.machine(), "batch_size": bs, "width": p["width"],
             "stock_workers": p["stock_workers"], "img_per_s": med, "rounds": rates,

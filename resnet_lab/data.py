@@ -142,6 +142,8 @@ class Batches:
     With `train=True` each epoch is reshuffled and augmented (random crop with 4-px zero padding,
     horizontal flip) from a generator seeded by (seed, epoch), so a resumed run sees the same
     batches as an uninterrupted one. Incomplete last batches are dropped in training only.
+    Images are held as NHWC uint8, so one gather does crop and flip and yields channels_last
+    batches without a copy.
     """
 
     def __init__(self, split: Split, batch_size: int, device: torch.device | str = "cpu", train: bool = False,
@@ -152,7 +154,9 @@ class Batches:
         self.epoch = 0
         images = split.images.to(self.device)
         # Zero padding in pixel space, as torchvision's RandomCrop(32, padding=4) does.
-        self.images = torch.nn.functional.pad(images, (pad,) * 4) if train and pad else images
+        if train and pad:
+            images = torch.nn.functional.pad(images, (pad,) * 4)
+        self.images = images.permute(0, 2, 3, 1).contiguous()  # NHWC
         self.labels = split.labels.to(self.device)
         self.scale = (1 / (255 * torch.tensor(STD))).view(1, 3, 1, 1).to(self.device)
         self.shift = (-torch.tensor(MEAN) / torch.tensor(STD)).view(1, 3, 1, 1).to(self.device)
@@ -164,9 +168,10 @@ class Batches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().mul_(self.scale).add_(self.shift)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+    def normalize(self, x_nhwc: torch.Tensor) -> torch.Tensor:
+        x = x_nhwc.permute(0, 3, 1, 2).float()  # NCHW view with channels_last strides
+        x = x.mul_(self.scale).add_(self.shift)
+        return x if self.channels_last else x.contiguous()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
@@ -180,16 +185,14 @@ class Batches:
         flips = (torch.rand(n, generator=g) < 0.5).to(self.device)
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            x = random_crop(self.images[idx], shifts[idx], 32)
-            x = torch.where(flips[idx].view(-1, 1, 1, 1), x.flip(3), x)
-            yield self.normalize(x), self.labels[idx]
+            yield self.normalize(crop_flip(self.images[idx], shifts[idx], flips[idx], 32)), self.labels[idx]
 
 
-def random_crop(padded: torch.Tensor, offsets: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop a `size` window from each padded image at its (dy, dx) offset, in one gather."""
-    r = torch.arange(size, device=padded.device)
-    rows = (offsets[:, 0:1] + r).view(-1, 1, size, 1)
-    cols = (offsets[:, 1:2] + r).view(-1, 1, 1, size)
-    n = torch.arange(len(padded), device=padded.device).view(-1, 1, 1, 1)
-    c = torch.arange(padded.shape[1], device=padded.device).view(1, -1, 1, 1)
-    return padded[n, c, rows, cols]
+def crop_flip(padded_nhwc: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop a `size` window from each padded NHWC image at its (dy, dx) offset, mirrored where
+    `flips` is set, in one gather."""
+    r = torch.arange(size, device=padded_nhwc.device)
+    rows = offsets[:, 0:1] + r
+    cols = offsets[:, 1:2] + torch.where(flips.view(-1, 1), size - 1 - r, r)
+    n = torch.arange(len(padded_nhwc), device=padded_nhwc.device).view(-1, 1, 1)
+    return padded_nhwc[n, rows.view(-1, size, 1), cols.view(-1, 1, size)]

@@ -49,14 +49,24 @@ def test_eval_batches_are_normalized_in_order():
     assert torch.equal(torch.cat(ys), d.test.labels)
 
 
-def test_random_crop_matches_slicing_of_the_zero_padded_image():
-    imgs = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+def test_crop_and_flip_match_slicing_of_the_zero_padded_image():
+    imgs = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     padded = torch.nn.functional.pad(imgs, (4, 4, 4, 4))
-    offsets = torch.tensor([[0, 0], [8, 8], [3, 5], [8, 0], [4, 4]])
-    out = data.random_crop(padded, offsets, 32)
-    for i, (dy, dx) in enumerate(offsets.tolist()):
-        assert torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32])
-    assert torch.equal(out[4], imgs[4])  # offset (4, 4) is the unshifted image
+    offsets = torch.tensor([[0, 0], [8, 8], [3, 5], [8, 0], [4, 4], [2, 7]])
+    flips = torch.tensor([False, False, True, False, False, True])
+    out = data.crop_flip(padded.permute(0, 2, 3, 1), offsets, flips, 32).permute(0, 3, 1, 2)
+    for i, ((dy, dx), f) in enumerate(zip(offsets.tolist(), flips.tolist())):
+        window = padded[i, :, dy:dy + 32, dx:dx + 32]
+        assert torch.equal(out[i], window.flip(2) if f else window)
+    assert torch.equal(out[4], imgs[4])  # offset (4, 4), no flip: the unshifted image
+
+
+def test_channels_last_batches_hold_the_same_values():
+    d = data.load("synthetic", synthetic_train=64, val_fraction=0)
+    a = next(iter(data.Batches(d.train, 32, train=True, channels_last=True)))[0]
+    b = next(iter(data.Batches(d.train, 32, train=True, channels_last=False)))[0]
+    assert a.is_contiguous(memory_format=torch.channels_last) and b.is_contiguous()
+    assert torch.equal(a, b)
 
 
 def test_training_batches_augment_reproducibly_per_epoch():
