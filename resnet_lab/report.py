@@ -85,8 +85,12 @@ def render_html(notebook: Path, target: Path) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
 
+    nb = nbformat.read(notebook, as_version=4)
+    tags = [set(c.metadata.get("tags", [])) for c in nb.cells]
+    if any("injected-parameters" in t for t in tags):  # show the parameters that ran, not the defaults too
+        nb.cells = [c for c, t in zip(nb.cells, tags) if "parameters" not in t]
     exporter = HTMLExporter(template_name="lab", exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    body, _ = exporter.from_notebook_node(nb)
     return write_text(target, body)
 
 

@@ -36,6 +36,8 @@ def test_report_builds_index_and_html_then_reuses_everything(tmp_path, capsys):
     html = (out / "01_baseline.html").read_text()
     assert html.count("<img") >= 4 and "Traceback" not in html
     assert "trained now into" in html
+    # the parameters that ran (papermill's injected cell) are shown; the defaults cell is not
+    assert "# Parameters</span>" in html and "papermill overrides them" not in html
     assert report.build("smoke", out, overrides=overrides) == 0  # second run: reuses the stored run
     assert "reused from" in (out / "01_baseline.html").read_text()
 
