@@ -60,7 +60,7 @@ def build(profile: str = "default", out: str | Path = "reports", only: list[str]
         t0 = time.perf_counter()
         try:
             pm.execute_notebook(PROJECT_ROOT / "notebooks" / f"{name}.ipynb", executed, parameters=values,
-                                kernel_name=KERNEL, cwd=str(PROJECT_ROOT), progress_bar=False)
+                                kernel_name=KERNEL, cwd=str(PROJECT_ROOT), progress_bar=True)
         except pm.PapermillExecutionError as e:
             failure = f"{name} failed in cell [{e.exec_count}]: {e.ename}: {e.evalue}"
         seconds = time.perf_counter() - t0

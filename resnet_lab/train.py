@@ -163,7 +163,7 @@ def fit(model: nn.Module, dataset: data_mod.Dataset, p: dict, checkpoint: str | 
                     raise TrainingDiverged(
                         f"training loss became {running} at epoch {epoch + 1}, step {step + 1} "
                         f"(lr {opt.param_groups[0]['lr']:.3g}); lower the learning rate. "
-                        f"The last complete epoch ({epoch}) is kept in the checkpoint.")
+                        f"Nothing from this epoch was saved.")
                 bar.set_postfix(loss=f"{running:.3f}")
         record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
                   "train_loss": loss_sum.item() / seen, "train_acc": 100.0 * correct.item() / seen,

@@ -49,6 +49,7 @@ class _Evil:
         return (os.system, ("touch pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_unsafe_truncated_and_missing_checkpoints_are_refused(tmp_path):
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps({"w": _Evil()}))
