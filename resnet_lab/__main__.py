@@ -2,6 +2,7 @@
 
     python -m resnet_lab check params/baseline.yaml          validate a params file
     python -m resnet_lab train params/baseline.yaml          train (or reuse) the baseline run
+    python -m resnet_lab tune params/optuna.yaml             run (resume, or join) the Optuna study
     python -m resnet_lab report [--profile smoke]            run and render every notebook
     python -m resnet_lab bench [params/bench.yaml]           training-throughput benchmark
 """
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--stage", default="baseline", choices=sorted(params.SCHEMAS))
     t = sub.add_parser("train", help="train the baseline for a params file (reuses a finished run)")
     t.add_argument("file")
+    o = sub.add_parser("tune", help="run the Optuna study of a params file until it has n_trials finished trials")
+    o.add_argument("file")
     r = sub.add_parser("report", help="execute the notebooks with papermill and render HTML reports")
     r.add_argument("--profile", default="default")
     r.add_argument("--out", default="reports")
@@ -45,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
             result = train.baseline(params.load(a.file, "baseline"))
             state = "reused" if result.reused else "trained"
             print(f"{state} {result.run.dir}: test accuracy {result.metrics['test_acc']:.2f}%")
+        elif a.cmd == "tune":
+            from . import tune
+
+            p = params.load(a.file, "optuna")
+            study = tune.run(p)
+            print(f"study {study.study_name}: {len(study.get_trials(states=tune.FINISHED))} finished trials, "
+                  f"best validation accuracy {study.best_value:.2f}%; best params: {tune.write_best(study, p)}")
         elif a.cmd == "report":
             from . import report
 

@@ -10,7 +10,7 @@ import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -29,6 +29,7 @@ class Field:
     high: float | None = None  # inclusive upper bound
     low_open: bool = False  # exclude `low` itself
     high_open: bool = False  # exclude `high` itself
+    validator: Callable[[str, Any], Any] | None = None  # deeper check of a list/dict value
 
     def allowed(self) -> str:
         if self.choices:
@@ -63,7 +64,7 @@ class Field:
                 bad = True
         if bad:
             raise ParamsError(f"parameter '{key}' = {value!r} is out of range; expected {self.allowed()} ({self.help})")
-        return value
+        return self.validator(key, value) if self.validator else value
 
 
 def _f(kind, default, help, **kw) -> Field:
@@ -111,8 +112,72 @@ REPORTING: dict[str, Field] = {
     "sample_images": _f(int, 24, "test images shown with their predictions", low=0, high=200),
 }
 
+# ---------------------------------------------------------------- Optuna search space
+# A search space maps training keys to either a list of choices or a [low, high] range.
+SPACE_CHOICES = ("batch_size", "optimizer", "scheduler", "width", "nesterov")
+SPACE_RANGES = ("lr", "weight_decay", "momentum", "label_smoothing", "gamma", "warmup_fraction", "step_size", "epochs")
+SPACE_LOG = ("lr", "weight_decay")  # sampled log-uniformly
+
+
+def check_search_space(key: str, space: Any) -> dict[str, Any]:
+    """Validate a search space (see params/optuna.yaml); every value is checked like the key itself."""
+    allowed = SPACE_CHOICES + SPACE_RANGES
+    out = {}
+    for name, spec in space.items():
+        where = f"{key}.{name}"
+        if name not in allowed:
+            close = difflib.get_close_matches(str(name), allowed, n=1)
+            raise ParamsError(f"unknown search-space key '{where}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                              + f"; searchable keys: {', '.join(allowed)}")
+        field = TRAINING[name]
+        if name in SPACE_CHOICES:
+            if not isinstance(spec, list) or not spec:
+                raise ParamsError(f"'{where}' must be a non-empty list of choices, not {spec!r}")
+            out[name] = [field.check(where, v) for v in spec]
+        elif name == "lr" and isinstance(spec, dict):  # one range per optimizer
+            for opt in spec:
+                if opt not in TRAINING["optimizer"].choices:
+                    raise ParamsError(f"'{where}' names unknown optimizer '{opt}'; "
+                                      f"known: {', '.join(TRAINING['optimizer'].choices)}")
+            out[name] = {opt: _check_range(f"{where}.{opt}", field, r, True) for opt, r in spec.items()}
+        else:
+            out[name] = _check_range(where, field, spec, name in SPACE_LOG)
+    if isinstance(out.get("lr"), dict) and "optimizer" in out:
+        missing = set(out["optimizer"]) - set(out["lr"])
+        if missing:
+            raise ParamsError(f"'{key}.lr' has no range for optimizer(s) {sorted(missing)} listed in '{key}.optimizer'")
+    return out
+
+
+def _check_range(where: str, field: Field, spec: Any, log: bool) -> list:
+    if not isinstance(spec, list) or len(spec) != 2:
+        raise ParamsError(f"'{where}' must be a range [low, high], not {spec!r}")
+    low, high = (field.check(where, v) for v in spec)
+    if low > high:
+        raise ParamsError(f"'{where}' has low {low} > high {high}")
+    if log and low <= 0:
+        raise ParamsError(f"'{where}' is sampled on a log scale, so low must be > 0 (got {low})")
+    return [low, high]
+
+
+TUNING: dict[str, Field] = {
+    "study_name": _f(str, "", "Optuna study name; empty: derived from the parameters, so other settings start another study"),
+    "storage": _f(str, "", "Optuna storage: empty (SQLite file in the run store), an RDB URL (sqlite:///…, "
+                  "postgresql://…, mysql://…) or journal:<file> for a journal file shared by processes"),
+    "n_trials": _f(int, 10, "finished (complete or pruned) trials the study should have; rerunning adds only the missing ones", low=1),
+    "trial_width": _f(int, 8, "ResNet18 width of the trial models (a cheap proxy of the final width)", low=1, high=1024),
+    "trial_epochs": _f(int, 6, "epochs of each trial when 'epochs' is not in the search space", low=1),
+    "pruner": _f(str, "median", "early stopping of hopeless trials", choices=("median", "hyperband", "none")),
+    "pruner_startup_trials": _f(int, 3, "median pruner: trials that are never pruned", low=0),
+    "pruner_warmup_epochs": _f(int, 2, "epochs before a trial can be pruned", low=0),
+    "heartbeat_s": _f(int, 30, "RDB storage heartbeat; a trial silent for 2x this is marked failed (0: off)", low=0),
+    "enqueue_base": _f(bool, True, "run the base recipe (these params) as the first trial, a known-good starting point"),
+    "search_space": Field(dict, {}, "keys to search: a list of choices or a [low, high] range each", validator=check_search_space),
+}
+
 SCHEMAS: dict[str, dict[str, Field]] = {
     "baseline": {**COMMON, **TRAINING, **REPORTING},
+    "optuna": {**COMMON, **TRAINING, **REPORTING, **TUNING},
     "bench": {
         **COMMON,
         "width": TRAINING["width"],

@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -109,8 +109,11 @@ def score(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- training
-def fit(model: nn.Module, dataset: data_mod.Dataset, p: dict, checkpoint: str | Path | None = None) -> list[dict]:
+def fit(model: nn.Module, dataset: data_mod.Dataset, p: dict, checkpoint: str | Path | None = None,
+        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
     """Train `model` with the recipe in `p`; return the per-epoch history.
+
+    `on_epoch(record)` is called after each epoch (Optuna reports and prunes through it).
 
     After every epoch the full training state is written atomically to `checkpoint`; if that file
     exists when `fit` starts, training resumes after its last complete epoch with the same
@@ -174,6 +177,8 @@ def fit(model: nn.Module, dataset: data_mod.Dataset, p: dict, checkpoint: str | 
                 record[f"{name}_loss"], record[f"{name}_acc"] = r["loss"], r["acc"]
         record["epoch_time_s"] = time.perf_counter() - t0
         history.append(record)
+        if on_epoch:
+            on_epoch(record)
         if p["progress"]:
             tqdm.write(_describe(record, p["epochs"]))
         if checkpoint:

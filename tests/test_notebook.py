@@ -38,6 +38,12 @@ def test_report_builds_index_and_html_then_reuses_everything(tmp_path, capsys):
     assert "trained now into" in html
     # the parameters that ran (papermill's injected cell) are shown; the defaults cell is not
     assert "# Parameters</span>" in html and "papermill overrides them" not in html
+    optuna_html = (out / "02_optuna.html").read_text()
+    assert optuna_html.count("<img") >= 6 and "Traceback" not in optuna_html  # five Optuna plots + curves
+    for text in ('id="Optimization-history"', 'id="Hyperparameter-importances"', 'id="Parallel-coordinates"',
+                 'id="Contour"', 'id="Slice"', "COMPLETE", "Retrained", "test "):
+        assert text in optuna_html, text
+    assert "href='02_optuna.html'" in index and "retrained test accuracy" in index
     assert report.build("smoke", out, overrides=overrides) == 0  # second run: reuses the stored run
     assert "reused from" in (out / "01_baseline.html").read_text()
 

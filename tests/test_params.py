@@ -10,7 +10,7 @@ from resnet_lab.params import ParamsError
 
 from conftest import PARAMS, ROOT
 
-STAGE_OF = {"bench.yaml": "bench"}
+STAGE_OF = {"bench.yaml": "bench", "optuna.yaml": "optuna", "optuna_full.yaml": "optuna", "optuna_smoke.yaml": "optuna"}
 
 
 @pytest.mark.parametrize("path", sorted(p.name for p in PARAMS.glob("*.yaml") if p.name != "report.yaml"))
@@ -66,14 +66,16 @@ def test_from_notebook_catches_papermill_injected_unknown_key():
     assert params.from_notebook({"epochs": 3, "In": []}, "baseline")["epochs"] == 3
 
 
-def test_notebook_parameters_cell_equals_baseline_yaml():
-    nb = nbformat.read(ROOT / "notebooks" / "01_baseline.ipynb", as_version=4)
+@pytest.mark.parametrize("notebook, params_file, stage", [("01_baseline", "baseline.yaml", "baseline"),
+                                                         ("02_optuna", "optuna.yaml", "optuna")])
+def test_notebook_parameters_cell_equals_its_default_params_file(notebook, params_file, stage):
+    nb = nbformat.read(ROOT / "notebooks" / f"{notebook}.ipynb", as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     namespace = {}
     exec(cell.source, namespace)
     namespace.pop("__builtins__")
-    assert namespace == yaml.safe_load((PARAMS / "baseline.yaml").read_text())
-    assert set(namespace) == set(params.SCHEMAS["baseline"])  # every knob visible, papermill warns of none
+    assert namespace == yaml.safe_load((PARAMS / params_file).read_text())
+    assert set(namespace) == set(params.SCHEMAS[stage])  # every knob visible, papermill warns of none
 
 
 def test_identity_ignores_presentation_keys_only():

@@ -1,0 +1,220 @@
+"""Hyperparameter search with Optuna: honest (validation split only), resumable, shareable.
+
+Trials train a narrow proxy model (`trial_width`) on the training split and are scored by
+validation accuracy; the test split is removed from the data the study sees. The study lives in
+Optuna storage named by a URL, so rerunning resumes it (finished trials are kept) and several
+processes or machines pointed at the same storage share it. The best hyperparameters become a
+complete baseline params file (`best.yaml`) that 01_baseline accepts unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import torch
+import yaml
+
+from . import data as data_mod
+from . import models, params as params_mod, runs, train
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+# Keys that do not change which trials the study runs: they are left out of its default name.
+NOT_IN_STUDY = params_mod.NOT_IN_IDENTITY | {"n_trials", "storage", "study_name", "width", "epochs",
+                                             "sample_images", "measure_batch_size", "heartbeat_s"}
+
+
+def study_name(p: dict) -> str:
+    if p["study_name"]:
+        return p["study_name"]
+    return "tune-" + runs.run_key("optuna", params_mod.identity(p, NOT_IN_STUDY))
+
+
+def study_dir(p: dict) -> Path:
+    return runs.RunStore(p["run_root"]).root / "optuna" / study_name(p)
+
+
+def storage(p: dict) -> optuna.storages.BaseStorage:
+    """The study's storage: SQLite in the run store by default, a journal file, or any RDB URL."""
+    url = p["storage"] or f"sqlite:///{runs.RunStore(p['run_root']).root / 'optuna' / 'studies.db'}"
+    if url.startswith("journal:"):
+        path = runs.resolve(url[len("journal:"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    beat = p["heartbeat_s"] or None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=2 * beat if beat else None)
+
+
+def make_pruner(p: dict) -> optuna.pruners.BasePruner:
+    if p["pruner"] == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p["pruner_startup_trials"], n_warmup_steps=p["pruner_warmup_epochs"])
+    if p["pruner"] == "hyperband":
+        max_epochs = p["search_space"].get("epochs", [0, p["trial_epochs"]])[1]
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, p["pruner_warmup_epochs"]), max_resource=max_epochs)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(p: dict, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+    """Create the study, or load it if it exists in the storage (resume / join)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(study_name=study_name(p), storage=storage(p), load_if_exists=True,
+                               direction="maximize", sampler=optuna.samplers.TPESampler(seed=p["seed"]),
+                               pruner=pruner or make_pruner(p))
+
+
+# Keys that only matter under one schedule are drawn only then (Optuna's define-by-run space).
+ONLY_WITH_SCHEDULER = {"step_size": "step", "gamma": "step", "warmup_fraction": "onecycle"}
+
+
+def _applies(name: str, scheduler: str) -> bool:
+    return ONLY_WITH_SCHEDULER.get(name, scheduler) == scheduler
+
+
+def sample(trial: optuna.Trial, space: dict, base: dict) -> dict[str, Any]:
+    """Draw one value per search-space key that applies (the lr range may depend on the optimizer)."""
+    values: dict[str, Any] = {}
+    for name, spec in space.items():
+        if name in params_mod.SPACE_CHOICES:
+            values[name] = trial.suggest_categorical(name, spec)
+    scheduler = values.get("scheduler", base["scheduler"])
+    for name, spec in space.items():
+        if name in params_mod.SPACE_CHOICES or not _applies(name, scheduler):
+            continue
+        label = name
+        if isinstance(spec, dict):  # lr per optimizer: a separate Optuna parameter per range
+            opt = values.get("optimizer", base["optimizer"])
+            spec, label = spec[opt], f"{name}_{opt}"
+        low, high = spec
+        if isinstance(low, int) and isinstance(high, int):
+            values[name] = trial.suggest_int(label, low, high)
+        else:
+            values[name] = trial.suggest_float(label, low, high, log=name in params_mod.SPACE_LOG)
+    return values
+
+
+def trial_params(p: dict, values: dict[str, Any]) -> dict[str, Any]:
+    """The baseline-stage params of one trial: the base recipe at proxy scale, plus the drawn values."""
+    base = {k: p[k] for k in params_mod.SCHEMAS["baseline"]}
+    base.update(width=p["trial_width"], epochs=p["trial_epochs"], progress=False, test_each_epoch=False)
+    base.update(values)
+    return params_mod.validate(base, "baseline")
+
+
+def _base_values(p: dict) -> dict[str, Any]:
+    """The base recipe expressed as Optuna parameters, for the values that fall inside the space."""
+    out = {}
+    for name, spec in p["search_space"].items():
+        if not _applies(name, p["scheduler"]):
+            continue
+        value = p["trial_epochs"] if name == "epochs" else p[name]
+        label = name
+        if isinstance(spec, dict):
+            if p["optimizer"] not in spec:
+                continue
+            spec, label = spec[p["optimizer"]], f"{name}_{p['optimizer']}"
+        inside = value in spec if name in params_mod.SPACE_CHOICES else spec[0] <= value <= spec[1]
+        if inside:
+            out[label] = value
+    return out
+
+
+def objective(p: dict, dataset: data_mod.Dataset):
+    def run_trial(trial: optuna.Trial) -> float:
+        tp = trial_params(p, sample(trial, p["search_space"], p))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+
+        def report(record: dict) -> None:
+            trial.report(record["val_acc"], record["epoch"])
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {record['epoch']} (val {record['val_acc']:.1f}%)")
+
+        torch.manual_seed(tp["seed"])
+        try:
+            history = train.fit(models.resnet18(tp["width"]), dataset, tp, on_epoch=report)
+        except train.TrainingDiverged as e:  # recorded as pruned, and the study goes on
+            trial.set_user_attr("diverged", str(e))
+            raise optuna.TrialPruned(str(e)) from None
+        return history[-1]["val_acc"]
+
+    return run_trial
+
+
+def without_test(dataset: data_mod.Dataset) -> data_mod.Dataset:
+    """The study never sees the test split: it is replaced by an empty one."""
+    empty = data_mod.Split(dataset.test.images[:0], dataset.test.labels[:0])
+    return dataclasses.replace(dataset, test=empty)
+
+
+def run(p: dict, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+    """Open (or resume, or join) the study and run trials until it has `n_trials` finished ones."""
+    if not p["search_space"]:
+        raise params_mod.ParamsError("parameter 'search_space' is empty: name at least one key to search")
+    dataset = data_mod.from_params(p)
+    if len(dataset.val) == 0:
+        raise params_mod.ParamsError("the study is scored on the validation split: set val_fraction > 0")
+    dataset = without_test(dataset)
+    study = open_study(p, pruner)
+    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+    if p["enqueue_base"] and not study.trials:
+        study.enqueue_trial(_base_values(p), skip_if_exists=True)
+    remaining = p["n_trials"] - finished
+    if remaining > 0:
+        study.optimize(objective(p, dataset), n_trials=remaining, show_progress_bar=p["progress"],
+                       callbacks=[optuna.study.MaxTrialsCallback(p["n_trials"], states=FINISHED)])
+    return study
+
+
+# ---------------------------------------------------------------- results
+def best_params(study: optuna.Study, p: dict) -> dict[str, Any]:
+    """A complete baseline params set: the base recipe at full scale with the best trial's values."""
+    best = study.best_trial
+    values = {k.split("_")[0] if k.startswith("lr_") else k: v for k, v in best.params.items()}
+    values.pop("epochs", None)  # trial epochs belong to the proxy; the final recipe keeps its own
+    out = {k: p[k] for k in params_mod.SCHEMAS["baseline"]}
+    out.update(values)
+    return params_mod.validate(out, "baseline")
+
+
+def write_best(study: optuna.Study, p: dict) -> Path:
+    """Write best.yaml next to the study; `papermill notebooks/01_baseline.ipynb … -f <it>` trains it."""
+    best = best_params(study, p)
+    t = study.best_trial
+    header = (f"# Best trial {t.number} of study '{study.study_name}': validation accuracy {t.value:.2f}% at "
+              f"width {p['trial_width']}.\n# A complete 01_baseline params file (hyperparameters from the study, "
+              f"width and epochs from the final recipe).\n")
+    path = study_dir(p) / "best.yaml"
+    runs.write_text(path, header + yaml.safe_dump(best, sort_keys=False))
+    return path
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    df = study.trials_dataframe(attrs=("number", "state", "value", "duration", "params", "user_attrs"))
+    df["duration"] = df["duration"].dt.total_seconds().round(1)
+    df = df.rename(columns={"value": "val_acc (%)", "duration": "duration (s)"})
+    df.columns = [c.replace("params_", "") for c in df.columns]
+    return df.drop(columns=[c for c in df.columns if c.startswith("user_attrs_")], errors="ignore").set_index("number")
+
+
+def plots(study: optuna.Study) -> dict[str, Any]:
+    """Optuna's own matplotlib figures: history, importances, parallel coordinates, contour, slice."""
+    from optuna.visualization import matplotlib as vis
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        out = {"optimization history": vis.plot_optimization_history(study),
+               "hyperparameter importances": vis.plot_param_importances(study),
+               "parallel coordinates": vis.plot_parallel_coordinate(study)}
+        importances = optuna.importance.get_param_importances(study)
+        top = list(importances)[:2]
+        out["contour"] = vis.plot_contour(study, params=top) if len(top) == 2 else None
+        out["slice"] = vis.plot_slice(study)
+    return out

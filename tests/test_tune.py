@@ -1,0 +1,152 @@
+"""02_optuna: an honest, resumable, shareable study."""
+import os
+import signal
+import subprocess
+import time
+
+import optuna
+import pytest
+import yaml
+
+from resnet_lab import data, params, train, tune
+from resnet_lab.params import ParamsError
+
+from conftest import ROOT
+
+SPACE = {"lr": {"sgd": [0.01, 0.2], "adam": [1.0e-4, 1.0e-2]}, "optimizer": ["sgd", "adam"],
+         "batch_size": [32, 64], "label_smoothing": [0.0, 0.2], "scheduler": ["onecycle", "cosine"]}
+
+
+def tiny(tmp_path, **over):
+    values = {"data": "synthetic", "synthetic_train": 256, "synthetic_test": 64, "val_fraction": 0.25, "width": 8,
+              "epochs": 2, "batch_size": 32, "lr": 0.05, "trial_width": 4, "trial_epochs": 2, "n_trials": 4,
+              "progress": False, "run_root": str(tmp_path / "runs"), "search_space": SPACE, **over}
+    return params.validate(values, "optuna")
+
+
+def finished(study):
+    return study.get_trials(deepcopy=False, states=tune.FINISHED)
+
+
+def test_tiny_study_never_sees_the_test_set_and_writes_a_baseline_params_file(tmp_path, monkeypatch):
+    seen_test_sizes = []
+    real_fit = train.fit
+
+    def spy(model, dataset, p, *a, **k):
+        seen_test_sizes.append(len(dataset.test))
+        assert p["test_each_epoch"] is False and p["width"] == 4
+        return real_fit(model, dataset, p, *a, **k)
+
+    monkeypatch.setattr(train, "fit", spy)
+    p = tiny(tmp_path)
+    study = tune.run(p)
+    assert len(finished(study)) == 4 and seen_test_sizes == [0] * len(study.trials)
+    first = study.trials[0].params  # the base recipe, enqueued as trial 0
+    assert first["optimizer"] == "sgd" and first["lr_sgd"] == 0.05 and first["batch_size"] == 32
+    best = params.load(tune.write_best(study, p), "baseline")  # 01_baseline accepts it unchanged
+    assert best["width"] == 8 and best["epochs"] == 2  # the final recipe's scale, not the proxy's
+    lr_key = f"lr_{best['optimizer']}"
+    assert best["lr"] == study.best_trial.params[lr_key] and best["batch_size"] == study.best_trial.params["batch_size"]
+    table = tune.trials_table(study)
+    assert list(table["state"]) == ["COMPLETE"] * 4 or "PRUNED" in set(table["state"])
+    assert {"val_acc (%)", "duration (s)", "optimizer"} <= set(table.columns)
+    figures = tune.plots(study)
+    assert set(figures) == {"optimization history", "hyperparameter importances", "parallel coordinates", "contour", "slice"}
+    # rerunning with the same parameters resumes the same study and runs nothing more
+    again = tune.run(p)
+    assert again.study_name == study.study_name and len(again.trials) == len(study.trials)
+
+
+def test_pruned_trials_are_recorded_and_the_study_goes_on(tmp_path):
+    p = tiny(tmp_path, n_trials=3)
+    study = tune.run(p, pruner=optuna.pruners.ThresholdPruner(lower=101.0))  # prunes every trial after epoch 1
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 3
+    assert all(t.last_step == 1 for t in study.trials)
+
+
+def test_diverged_trials_are_recorded_as_pruned_and_the_study_goes_on(tmp_path, monkeypatch):
+    real_fit, calls = train.fit, []
+
+    def diverge_every_other(model, dataset, p, *a, **k):  # a real NaN is tested in test_train
+        calls.append(1)
+        if len(calls) % 2:
+            raise train.TrainingDiverged("training loss became nan at epoch 1, step 3 (lr 0.1); lower the learning rate.")
+        return real_fit(model, dataset, p, *a, **k)
+
+    monkeypatch.setattr(train, "fit", diverge_every_other)
+    study = tune.run(tiny(tmp_path, n_trials=4, pruner="none"))
+    states = [t.state.name for t in study.trials]
+    assert states == ["PRUNED", "COMPLETE", "PRUNED", "COMPLETE"]
+    assert "lower the learning rate" in study.trials[0].user_attrs["diverged"]
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"lr": [0.3, 0.01]}, "low 0.3 > high 0.01"),
+    ({"optimizer": ["sgd", "rmsprop"]}, "'rmsprop' is out of range; expected one of 'sgd', 'adam', 'adamw'"),
+    ({"lr": {"sgd": [0.01, 0.1], "lion": [0.01, 0.1]}}, "unknown optimizer 'lion'"),
+    ({"lr": {"sgd": [0.01, 0.1]}, "optimizer": ["sgd", "adam"]}, "no range for optimizer(s) ['adam']"),
+    ({"weight_decay": [0.0, 0.01]}, "log scale, so low must be > 0"),
+    ({"weight_decy": [1.0e-5, 0.1]}, "unknown search-space key 'search_space.weight_decy' (did you mean 'weight_decay'?)"),
+])
+def test_invalid_search_space_fails_before_any_trial(tmp_path, python, space, message):
+    with pytest.raises(ParamsError) as e:
+        tiny(tmp_path, search_space=space)
+    assert message in str(e.value)
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump({"search_space": space, "run_root": str(tmp_path / "runs")}))
+    r = subprocess.run([python, "-m", "resnet_lab", "tune", str(f)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and message in r.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was created: no storage, no trial
+
+
+def _write(tmp_path, name, **over):
+    values = {k: v for k, v in tiny(tmp_path, **over).items()}
+    f = tmp_path / name
+    f.write_text(yaml.safe_dump(values))
+    return f, values
+
+
+def _count(p):
+    try:
+        return len(finished(optuna.load_study(study_name=tune.study_name(p), storage=tune.storage(p))))
+    except KeyError:  # the study does not exist yet
+        return 0
+
+
+def test_study_killed_mid_way_resumes_without_redoing_trials(tmp_path, python):
+    f, p = _write(tmp_path, "study.yaml", n_trials=6, synthetic_train=512, trial_width=8, trial_epochs=3, pruner="none")
+    proc = subprocess.Popen([python, "-m", "resnet_lab", "tune", str(f)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while _count(p) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {t.number: t.params for t in finished(optuna.load_study(study_name=tune.study_name(p), storage=tune.storage(p)))}
+    assert 2 <= len(before) < 6, "the kill should land mid-study"
+
+    r = subprocess.run([python, "-m", "resnet_lab", "tune", str(f)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    study = optuna.load_study(study_name=tune.study_name(p), storage=tune.storage(p))
+    after = {t.number: t.params for t in finished(study)}
+    assert len(after) == 6
+    assert all(after[n] == before[n] for n in before)  # finished trials kept, not redone
+    unfinished = [t for t in study.trials if t.state not in tune.FINISHED]
+    assert len(unfinished) <= 1  # at most the trial the kill interrupted
+
+
+def test_two_processes_share_one_study(tmp_path, python):
+    journal = tmp_path / "shared.journal"
+    f, p = _write(tmp_path, "shared.yaml", n_trials=8, synthetic_train=512, trial_epochs=2, pruner="none",
+                  storage=f"journal:{journal}", study_name="shared")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one core each: two workers must not oversubscribe 2 cores
+    procs = [subprocess.Popen([python, "-m", "resnet_lab", "tune", str(f)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    study = optuna.load_study(study_name="shared", storage=tune.storage(p))
+    trials = finished(study)
+    assert 8 <= len(trials) <= 9  # MaxTrialsCallback stops both; one trial may be in flight at the limit
+    assert len({t.user_attrs["worker"] for t in trials}) == 2
+    assert len({t.number for t in trials}) == len(trials)
