@@ -70,7 +70,7 @@ def build(profile: str = "default", out: str | Path = "reports", only: list[str]
                      "headline": read_headline(executed) if executed.is_file() else None, "failed": bool(failure)})
         if failure:
             break
-    write_index(out / "index.html", done, profile)
+    write_index(out / "index.html", _with_earlier_reports(done, profile, out), profile)
     print("[report] wall time: " + ", ".join(f"{d['name']} {d['seconds']:.0f} s" for d in done)
           + f"; total {sum(d['seconds'] for d in done):.0f} s", flush=True)
     if failure:
@@ -79,6 +79,19 @@ def build(profile: str = "default", out: str | Path = "reports", only: list[str]
         return 1
     print(f"[report] open {out / 'index.html'}")
     return 0
+
+
+def _with_earlier_reports(done: list[dict], profile: str, out: Path) -> list[dict]:
+    """Entries for every notebook of the plan that has a report in `out`, not only those run now."""
+    ran = {d["name"]: d for d in done}
+    entries = []
+    for name, params_file in plan(profile):
+        if name in ran:
+            entries.append(ran[name])
+        elif (out / f"{name}.ipynb").is_file() and (out / f"{name}.html").is_file():
+            entries.append({"name": name, "params": params_file.name, "seconds": None, "failed": False,
+                            "headline": read_headline(out / f"{name}.ipynb")})
+    return entries
 
 
 def render_html(notebook: Path, target: Path) -> Path:
@@ -105,11 +118,15 @@ def read_headline(notebook: Path) -> str | None:
     return None
 
 
+def _took(entry: dict) -> str:
+    return "earlier run" if entry["seconds"] is None else f"{entry['seconds']:.0f} s"
+
+
 def write_index(path: Path, entries: list[dict], profile: str) -> Path:
     rows = "\n".join(
         f"<tr><td><a href='{html.escape(e['name'])}.html'>{html.escape(e['name'])}</a></td>"
         f"<td>{'<b class=fail>FAILED</b> ' if e['failed'] else ''}{html.escape(e['headline'] or '')}</td>"
-        f"<td><code>params/{html.escape(e['params'])}</code></td><td class=num>{e['seconds']:.0f} s</td></tr>"
+        f"<td><code>params/{html.escape(e['params'])}</code></td><td class=num>{_took(e)}</td></tr>"
         for e in entries)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>resnet-lab reports</title>

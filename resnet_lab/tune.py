@@ -15,7 +15,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import optuna
+# Optuna imports tqdm.auto, which warns inside Jupyter when ipywidgets is absent; its bar is not used.
+warnings.filterwarnings("ignore", message="IProgress not found")
+
+import optuna  # noqa: E402
 import pandas as pd
 import torch
 import yaml
@@ -168,9 +171,18 @@ def run(p: dict, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Stud
         study.enqueue_trial(_base_values(p), skip_if_exists=True)
     remaining = p["n_trials"] - finished
     if remaining > 0:
-        study.optimize(objective(p, dataset), n_trials=remaining, show_progress_bar=p["progress"],
-                       callbacks=[optuna.study.MaxTrialsCallback(p["n_trials"], states=FINISHED)])
+        callbacks = [optuna.study.MaxTrialsCallback(p["n_trials"], states=FINISHED)]
+        study.optimize(objective(p, dataset), n_trials=remaining, callbacks=callbacks + ([_print_trial] if p["progress"] else []))
     return study
+
+
+def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """One line per finished trial (plain text: readable in a terminal and in the HTML report)."""
+    value = "–" if trial.value is None else f"{trial.value:.1f}%"
+    seconds = trial.duration.total_seconds() if trial.duration else 0.0
+    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+    print(f"trial {trial.number} {trial.state.name.lower()}: val {value} in {seconds:.0f} s · "
+          f"{done} finished · best {study.best_value:.1f}% (trial {study.best_trial.number})", flush=True)
 
 
 # ---------------------------------------------------------------- results
@@ -199,22 +211,39 @@ def write_best(study: optuna.Study, p: dict) -> Path:
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     df = study.trials_dataframe(attrs=("number", "state", "value", "duration", "params", "user_attrs"))
     df["duration"] = df["duration"].dt.total_seconds().round(1)
+    df["value"] = df["value"].round(2)
     df = df.rename(columns={"value": "val_acc (%)", "duration": "duration (s)"})
     df.columns = [c.replace("params_", "") for c in df.columns]
     return df.drop(columns=[c for c in df.columns if c.startswith("user_attrs_")], errors="ignore").set_index("number")
 
 
+PLOT_SIZES = {"parallel coordinates": (16, 6), "slice": (18, 4.5)}  # inches; the others keep Optuna's size
+
+
 def plots(study: optuna.Study) -> dict[str, Any]:
-    """Optuna's own matplotlib figures: history, importances, parallel coordinates, contour, slice."""
+    """Optuna's own matplotlib figures (history, importances, parallel coordinates, contour of the
+    two most important parameters, slice), with the objective labelled as validation accuracy."""
     from optuna.visualization import matplotlib as vis
 
     with warnings.catch_warnings():
+        # Optuna warns that importances and slices are rough with few trials; the notebook says so.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)
         out = {"optimization history": vis.plot_optimization_history(study),
                "hyperparameter importances": vis.plot_param_importances(study),
                "parallel coordinates": vis.plot_parallel_coordinate(study)}
-        importances = optuna.importance.get_param_importances(study)
-        top = list(importances)[:2]
+        top = list(optuna.importance.get_param_importances(study))[:2]
         out["contour"] = vis.plot_contour(study, params=top) if len(top) == 2 else None
         out["slice"] = vis.plot_slice(study)
+    for name, ax in out.items():
+        if ax is None:
+            continue
+        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        if name in PLOT_SIZES:
+            fig.set_size_inches(*PLOT_SIZES[name])
+        for a in fig.axes:
+            if a.get_ylabel() == "Objective Value":
+                a.set_ylabel("validation accuracy (%)")
+            if name == "slice":
+                a.tick_params(axis="x", labelrotation=45, labelsize=8)
     return out
