@@ -69,9 +69,17 @@ def make_pruner(p: dict) -> optuna.pruners.BasePruner:
 def open_study(p: dict, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
     """Create the study, or load it if it exists in the storage (resume / join)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(study_name=study_name(p), storage=storage(p), load_if_exists=True,
-                               direction="maximize", sampler=optuna.samplers.TPESampler(seed=p["seed"]),
-                               pruner=pruner or make_pruner(p))
+    study = optuna.create_study(study_name=study_name(p), storage=storage(p), load_if_exists=True,
+                                direction="maximize", pruner=pruner or make_pruner(p))
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(p["seed"], study.get_trials(deepcopy=False)))
+    return study
+
+
+def sampler_seed(seed: int, trials: list) -> int:
+    """A fresh study replays `seed`; a resumed one continues from the number of trials it holds, so it
+    does not redraw the configurations already tried; a worker joining others adds its process id."""
+    others_running = any(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+    return (seed + 7919 * len(trials) + (os.getpid() if others_running else 0)) % 2**32
 
 
 # Keys that only matter under one schedule are drawn only then (Optuna's define-by-run space).

@@ -133,6 +133,8 @@ def test_study_killed_mid_way_resumes_without_redoing_trials(tmp_path, python):
     assert all(after[n] == before[n] for n in before)  # finished trials kept, not redone
     unfinished = [t for t in study.trials if t.state not in tune.FINISHED]
     assert len(unfinished) <= 1  # at most the trial the kill interrupted
+    drawn = [tuple(sorted(t.params.items())) for t in finished(study)]
+    assert len(set(drawn)) == len(drawn)  # the resumed sampler does not replay earlier draws
 
 
 def test_two_processes_share_one_study(tmp_path, python):
