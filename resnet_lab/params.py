@@ -104,7 +104,7 @@ TRAINING: dict[str, Field] = {
     "gamma": _f(float, 0.1, "step schedule: lr factor at each drop", low=0.0, high=1.0, low_open=True),
     "label_smoothing": _f(float, 0.0, "label smoothing of the cross-entropy", low=0.0, high=1.0, high_open=True),
     "amp": _f(str, "auto", "mixed precision on CUDA (auto: bf16 where supported)", choices=("auto", "bf16", "fp16", "off")),
-    "eval_flip": _f(bool, False, "evaluate on each image and its mirror (test-time flip augmentation)"),
+    "eval_flip": _f(bool, False, "final evaluation averages each image and its mirror (test-time flip); per-epoch curves use one view"),
     "test_each_epoch": _f(bool, True, "also evaluate the test set after every epoch (curves only; never used to choose)"),
 }
 
@@ -167,6 +167,7 @@ TUNING: dict[str, Field] = {
     "n_trials": _f(int, 10, "finished (complete or pruned) trials the study should have; rerunning adds only the missing ones", low=1),
     "trial_width": _f(int, 8, "ResNet18 width of the trial models (a cheap proxy of the final width)", low=1, high=1024),
     "trial_epochs": _f(int, 6, "epochs of each trial when 'epochs' is not in the search space", low=1),
+    "sampler_startup_trials": _f(int, 4, "TPE: random trials before it models the search space", low=0),
     "pruner": _f(str, "median", "early stopping of hopeless trials", choices=("median", "hyperband", "none")),
     "pruner_startup_trials": _f(int, 3, "median pruner: trials that are never pruned", low=0),
     "pruner_warmup_epochs": _f(int, 2, "epochs before a trial can be pruned", low=0),

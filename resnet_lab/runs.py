@@ -28,7 +28,7 @@ from . import params as params_mod
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Bump when the meaning of stored runs changes, so old runs are not reused by mistake.
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: per-epoch curves evaluated single-view
 
 
 class RunStoreError(RuntimeError):

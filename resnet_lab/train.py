@@ -173,7 +173,7 @@ def fit(model: nn.Module, dataset: data_mod.Dataset, p: dict, checkpoint: str | 
                   "train_time_s": time.perf_counter() - t0}
         for name, batches in (("val", val), ("test", test if p["test_each_epoch"] else None)):
             if batches is not None and len(batches.labels):
-                r = evaluate(model, batches, dtype, p["eval_flip"])
+                r = evaluate(model, batches, dtype)  # single view per epoch; eval_flip is for the final figures
                 record[f"{name}_loss"], record[f"{name}_acc"] = r["loss"], r["acc"]
         record["epoch_time_s"] = time.perf_counter() - t0
         history.append(record)
@@ -233,10 +233,12 @@ def _train_baseline(run: runs.Run, dataset: data_mod.Dataset, p: dict) -> None:
     logits = predict(model, test, dtype, p["eval_flip"])
     preds = logits.argmax(1)
     result = score(logits, dataset.test.labels)
+    val = data_mod.Batches(dataset.val, p["eval_batch_size"], device, channels_last=channels_last(device))
+    val_result = evaluate(model, val, dtype, p["eval_flip"])
     model = model.to("cpu", memory_format=torch.contiguous_format)
     m = {
         "test_acc": result["acc"], "test_loss": result["loss"],
-        "val_acc": history[-1].get("val_acc"),  # measured by fit() on the final model
+        "val_acc": val_result["acc"] if len(dataset.val) else None,
         "train_time_s": train_time, "train_and_eval_time_s": time.perf_counter() - t0,
         "train_device": str(device), "data": dataset.describe(),
         **metrics.measure(model, p["measure_batch_size"], "cpu"),

@@ -71,7 +71,8 @@ def open_study(p: dict, pruner: optuna.pruners.BasePruner | None = None) -> optu
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=study_name(p), storage=storage(p), load_if_exists=True,
                                 direction="maximize", pruner=pruner or make_pruner(p))
-    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(p["seed"], study.get_trials(deepcopy=False)))
+    study.sampler = optuna.samplers.TPESampler(n_startup_trials=p["sampler_startup_trials"],
+                                               seed=sampler_seed(p["seed"], study.get_trials(deepcopy=False)))
     return study
 
 
