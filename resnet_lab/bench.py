@@ -91,11 +91,11 @@ def run(p: dict) -> dict:
             batches = make()
             for _ in range(p["warmup_steps"]):
                 step(*next(batches))
-            metrics._sync(device)
+            metrics.sync(device)
             t0 = time.perf_counter()
             for _ in range(p["steps"]):
                 step(*next(batches))
-            metrics._sync(device)
+            metrics.sync(device)
             rates[name].append(p["steps"] * bs / (time.perf_counter() - t0))
             if hasattr(batches, "close"):
                 batches.close()

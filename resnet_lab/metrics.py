@@ -69,10 +69,10 @@ def speed(model: nn.Module, batch_size: int = 128, device: str | torch.device = 
     times = []
     try:
         for i in range(warmup + repeats):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             model(x)
-            _sync(device)
+            sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     finally:
@@ -82,7 +82,8 @@ def speed(model: nn.Module, batch_size: int = 128, device: str | torch.device = 
             "threads": torch.get_num_threads(), "speed_device": str(device)}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

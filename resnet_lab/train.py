@@ -224,9 +224,7 @@ def baseline(p: dict) -> BaselineResult:
 def _train_baseline(run: runs.Run, dataset: data_mod.Dataset, p: dict) -> None:
     torch.manual_seed(p["seed"])
     model = models.resnet18(p["width"])
-    t0 = time.perf_counter()
     history = fit(model, dataset, p, checkpoint=run.path("checkpoint.pt"))
-    train_time = sum(r["train_time_s"] for r in history)
     device = next(model.parameters()).device
     dtype = amp_dtype(p["amp"], device)
     test = data_mod.Batches(dataset.test, p["eval_batch_size"], device, channels_last=channels_last(device))
@@ -239,7 +237,9 @@ def _train_baseline(run: runs.Run, dataset: data_mod.Dataset, p: dict) -> None:
     m = {
         "test_acc": result["acc"], "test_loss": result["loss"],
         "val_acc": val_result["acc"] if len(dataset.val) else None,
-        "train_time_s": train_time, "train_and_eval_time_s": time.perf_counter() - t0,
+        # from the history, so epochs done before a resume count too
+        "train_time_s": sum(r["train_time_s"] for r in history),
+        "train_and_eval_time_s": sum(r["epoch_time_s"] for r in history),
         "train_device": str(device), "data": dataset.describe(),
         **metrics.measure(model, p["measure_batch_size"], "cpu"),
         "machine": metrics.machine(),

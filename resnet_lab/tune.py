@@ -29,7 +29,7 @@ from . import models, params as params_mod, runs, train
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 # Keys that do not change which trials the study runs: they are left out of its default name.
 NOT_IN_STUDY = params_mod.NOT_IN_IDENTITY | {"n_trials", "storage", "study_name", "width", "epochs",
-                                             "sample_images", "measure_batch_size", "heartbeat_s"}
+                                             "measure_batch_size", "heartbeat_s"}
 
 
 def study_name(p: dict) -> str:
@@ -113,9 +113,14 @@ def sample(trial: optuna.Trial, space: dict, base: dict) -> dict[str, Any]:
     return values
 
 
+def recipe(p: dict) -> dict[str, Any]:
+    """The base recipe: the baseline-stage keys of the optuna params."""
+    return {k: p[k] for k in params_mod.SCHEMAS["baseline"]}
+
+
 def trial_params(p: dict, values: dict[str, Any]) -> dict[str, Any]:
     """The baseline-stage params of one trial: the base recipe at proxy scale, plus the drawn values."""
-    base = {k: p[k] for k in params_mod.SCHEMAS["baseline"]}
+    base = recipe(p)
     base.update(width=p["trial_width"], epochs=p["trial_epochs"], progress=False, test_each_epoch=False)
     base.update(values)
     return params_mod.validate(base, "baseline")
@@ -200,7 +205,7 @@ def best_params(study: optuna.Study, p: dict) -> dict[str, Any]:
     best = study.best_trial
     values = {k.split("_")[0] if k.startswith("lr_") else k: v for k, v in best.params.items()}
     values.pop("epochs", None)  # trial epochs belong to the proxy; the final recipe keeps its own
-    out = {k: p[k] for k in params_mod.SCHEMAS["baseline"]}
+    out = recipe(p)
     out.update(values)
     return params_mod.validate(out, "baseline")
 
@@ -218,12 +223,12 @@ def write_best(study: optuna.Study, p: dict) -> Path:
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    df = study.trials_dataframe(attrs=("number", "state", "value", "duration", "params", "user_attrs"))
+    df = study.trials_dataframe(attrs=("number", "state", "value", "duration", "params"))
     df["duration"] = df["duration"].dt.total_seconds().round(1)
     df["value"] = df["value"].round(2)
     df = df.rename(columns={"value": "val_acc (%)", "duration": "duration (s)"})
     df.columns = [c.replace("params_", "") for c in df.columns]
-    return df.drop(columns=[c for c in df.columns if c.startswith("user_attrs_")], errors="ignore").set_index("number")
+    return df.set_index("number")
 
 
 PLOT_SIZES = {"parallel coordinates": (16, 6), "slice": (18, 4.5)}  # inches; the others keep Optuna's size

@@ -8,7 +8,7 @@ import optuna
 import pytest
 import yaml
 
-from resnet_lab import data, params, train, tune
+from resnet_lab import params, train, tune
 from resnet_lab.params import ParamsError
 
 from conftest import ROOT
