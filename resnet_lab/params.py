@@ -6,6 +6,7 @@ stops the run at once with a message naming the key and what is allowed.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 from dataclasses import dataclass
@@ -176,9 +177,83 @@ TUNING: dict[str, Field] = {
     "search_space": Field(dict, {}, "keys to search: a list of choices or a [low, high] range each", validator=check_search_space),
 }
 
+# ---------------------------------------------------------------- compression stages
+# A compression stage starts from a finished baseline run; the data it uses is the baseline's.
+STAGE: dict[str, Field] = {
+    **{k: COMMON[k] for k in ("profile", "seed", "device", "eval_batch_size", "measure_batch_size",
+                               "run_root", "reuse", "progress")},
+    "baseline": _f(str, "params/baseline.yaml", "params file of the 01_baseline run this stage starts from "
+                   "(looked up in the run store; the data and model come from it)"),
+}
+# The recipe of any (re)training a stage does: the baseline's training keys except the architecture,
+# and eval_flip, which stays the baseline's so every accuracy is measured the same way.
+FINETUNE: dict[str, Field] = {k: f for k, f in TRAINING.items() if k not in ("width", "eval_flip")}
+
+QUANT_METHODS = ("fp16", "bf16", "int8", "binaryconnect")
+BC_VARIANT_KEYS: dict[str, Field] = {
+    "init": _f(str, "pretrained", "start from the trained baseline or from scratch", choices=("pretrained", "scratch")),
+    "layers": _f(str, "inner", "binarized layers: every conv/linear except the first conv and the last linear, "
+                 "or all of them", choices=("inner", "all")),
+    "mode": _f(str, "deterministic", "sign (sign(0) = +1) or stochastic (hard-sigmoid probability)",
+               choices=("deterministic", "stochastic")),
+    "scale": _f(bool, False, "multiply the signs by α = mean |w| per output channel (XNOR-Net)"),
+    "epochs": TRAINING["epochs"],
+    "lr": TRAINING["lr"],
+}
+
+
+def check_methods(key: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise ParamsError(f"'{key}' must be a non-empty list drawn from {', '.join(QUANT_METHODS)}, not {value!r}")
+    for v in value:
+        if v not in QUANT_METHODS:
+            close = difflib.get_close_matches(str(v), QUANT_METHODS, n=1)
+            raise ParamsError(f"'{key}' names unknown method {v!r}" + (f" (did you mean '{close[0]}'?)" if close else "")
+                              + f"; known: {', '.join(QUANT_METHODS)}")
+    if len(set(value)) != len(value):
+        raise ParamsError(f"'{key}' lists a method twice: {value!r}")
+    return list(value)
+
+
+def check_bc_variants(key: str, value: Any) -> list[dict[str, Any]]:
+    """A list of BinaryConnect variants; each a mapping of BC_VARIANT_KEYS (missing keys take the defaults)."""
+    if not isinstance(value, list):
+        raise ParamsError(f"'{key}' must be a list of variants (mappings of {', '.join(BC_VARIANT_KEYS)}), not {value!r}")
+    out = []
+    for i, variant in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(variant, dict):
+            raise ParamsError(f"'{where}' must be a mapping of {', '.join(BC_VARIANT_KEYS)}, not {variant!r}")
+        full = {}
+        for name, field in BC_VARIANT_KEYS.items():
+            if name in variant:
+                full[name] = field.check(f"{where}.{name}", variant[name])
+            elif name not in ("epochs", "lr"):  # these fall back to the stage's recipe
+                full[name] = field.default
+        unknown = [k for k in variant if k not in BC_VARIANT_KEYS]
+        if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), BC_VARIANT_KEYS, n=1)
+            raise ParamsError(f"unknown key '{where}.{unknown[0]}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                              + f"; a variant may set {', '.join(BC_VARIANT_KEYS)}")
+        out.append(full)
+    return out
+
+
+QUANTIZATION: dict[str, Field] = {
+    "methods": Field(list, list(QUANT_METHODS), f"which methods to run, from {', '.join(QUANT_METHODS)}",
+                     validator=check_methods),
+    "int8_backend": _f(str, "x86", "quantized engine of the INT8 model (x86: fbgemm + oneDNN)",
+                       choices=("x86", "fbgemm", "onednn", "qnnpack")),
+    "calibration_images": _f(int, 1024, "training images (not augmented) that calibrate the INT8 activation ranges", low=1),
+    "binaryconnect": Field(list, [{}], "BinaryConnect variants to train, each a mapping of "
+                           + ", ".join(BC_VARIANT_KEYS) + " (epochs and lr default to the recipe's)",
+                           validator=check_bc_variants),
+}
+
 SCHEMAS: dict[str, dict[str, Field]] = {
     "baseline": {**COMMON, **TRAINING, **REPORTING},
     "optuna": {**COMMON, **TRAINING, **REPORTING, **TUNING},
+    "quantization": {**STAGE, **FINETUNE, **QUANTIZATION},
     "bench": {
         **COMMON,
         "width": TRAINING["width"],
@@ -195,7 +270,7 @@ NOT_IN_IDENTITY = frozenset({"run_root", "reuse", "progress", "sample_images", "
 
 
 def defaults(stage: str) -> dict[str, Any]:
-    return {k: f.default for k, f in _schema(stage).items()}
+    return {k: copy.deepcopy(f.default) for k, f in _schema(stage).items()}
 
 
 def _schema(stage: str) -> dict[str, Field]:
@@ -216,15 +291,25 @@ def validate(values: Mapping[str, Any], stage: str) -> dict[str, Any]:
             close = difflib.get_close_matches(str(k), schema, n=1)
             lines.append(f"unknown parameter '{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise ParamsError("; ".join(lines) + f". Allowed keys for stage '{stage}': {', '.join(sorted(schema))}")
-    out = defaults(stage)
-    for key, value in values.items():
-        out[key] = schema[key].check(key, value)
-    return out
+    # defaults pass the same checks, so list/dict values are always in their normalized form
+    return {key: field.check(key, values[key] if key in values else copy.deepcopy(field.default))
+            for key, field in schema.items()}
+
+
+# The default params file of each stage: its notebook's parameters cell equals it (a test checks), and
+# keys a params file leaves out take its values, so a partial file means the same to papermill
+# (which overrides the notebook's cell) and to `load`.
+PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
+DEFAULT_FILES = {"baseline": "baseline.yaml", "optuna": "optuna.yaml", "quantization": "quantization.yaml",
+                 "bench": "bench.yaml"}
 
 
 def load(path: str | Path, stage: str) -> dict[str, Any]:
-    """Read a params YAML file and validate it for `stage`."""
-    return validate(read_yaml(path), stage)
+    """Read a params YAML file and validate it for `stage`; missing keys take the stage's default file's values."""
+    _schema(stage)
+    defaults_file = PARAMS_DIR / DEFAULT_FILES[stage]
+    base = read_yaml(defaults_file) if Path(path).resolve() != defaults_file else {}
+    return validate({**base, **read_yaml(path)}, stage)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
