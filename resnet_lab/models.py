@@ -57,3 +57,14 @@ class ResNet(nn.Module):
 
 def resnet18(width: int = 64, num_classes: int = 10) -> ResNet:
     return ResNet((2, 2, 2, 2), width=width, num_classes=num_classes)
+
+
+def build(arch: dict) -> nn.Module:
+    """The model an `arch` record describes (stored next to weights, so a file says what it holds)."""
+    if arch.get("name") != "resnet18":
+        raise ValueError(f"unknown architecture {arch!r}; known: resnet18")
+    return resnet18(int(arch["width"]), int(arch.get("num_classes", 10)))
+
+
+def arch_of(model: ResNet) -> dict:
+    return {"name": "resnet18", "width": model.width, "num_classes": model.linear.out_features}

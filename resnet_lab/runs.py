@@ -176,10 +176,11 @@ class RunStore:
     def __init__(self, root: str | os.PathLike = "runs"):
         self.root = resolve(root)
 
-    def run(self, stage: str, values: Mapping[str, Any]) -> Run:
-        """The run of `stage` for these (validated) parameters; its folder and params.yaml are created."""
+    def run(self, stage: str, values: Mapping[str, Any], create: bool = True) -> Run:
+        """The run of `stage` for these (validated) parameters; its folder and params.yaml are created
+        unless `create` is False (a lookup of an upstream run)."""
         run = Run(self, stage, run_key(stage, values))
-        if not run.path("params.yaml").is_file():
+        if create and not run.path("params.yaml").is_file():
             run.dir.mkdir(parents=True, exist_ok=True)
             write_text(run.path("params.yaml"), yaml.safe_dump(dict(values), sort_keys=True))
         return run

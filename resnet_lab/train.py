@@ -14,7 +14,7 @@ from torch import nn
 from tqdm import tqdm  # plain text bars: no widget dependency, readable in the HTML reports
 
 from . import data as data_mod
-from . import metrics, models, runs
+from . import metrics, models, params, runs
 
 
 class TrainingDiverged(RuntimeError):
@@ -110,10 +110,11 @@ def score(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 # ---------------------------------------------------------------- training
 def fit(model: nn.Module, dataset: data_mod.Dataset, p: dict, checkpoint: str | Path | None = None,
-        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+        on_epoch: Callable[[dict], None] | None = None, after_step: Callable[[], None] | None = None) -> list[dict]:
     """Train `model` with the recipe in `p`; return the per-epoch history.
 
-    `on_epoch(record)` is called after each epoch (Optuna reports and prunes through it).
+    `on_epoch(record)` is called after each epoch (Optuna reports and prunes through it);
+    `after_step()` after each optimizer step (BinaryConnect clips its weights, pruning re-applies masks).
 
     After every epoch the full training state is written atomically to `checkpoint`; if that file
     exists when `fit` starts, training resumes after its last complete epoch with the same
@@ -156,6 +157,8 @@ def fit(model: nn.Module, dataset: data_mod.Dataset, p: dict, checkpoint: str | 
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
+            if after_step:
+                after_step()
             sched.step()
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
@@ -215,10 +218,39 @@ def baseline(p: dict) -> BaselineResult:
         reused = run.done and p["reuse"]
         if not reused:
             _train_baseline(run, dataset, p)
-        model = models.resnet18(p["width"])
+        return _finished_baseline(run, dataset, p, reused)
+
+
+class UpstreamMissing(runs.RunStoreError):
+    """A stage needs a run that an earlier notebook produces; the message says which and how."""
+
+
+def trained_baseline(params_file: str, p: dict) -> tuple[BaselineResult, dict]:
+    """The finished 01_baseline run of `params_file`, looked up in the run store of `p` (never trained here).
+
+    Returns the result and the baseline's parameters (their data keys describe the dataset).
+    """
+    bp = params.load(runs.resolve(params_file), "baseline")
+    bp.update(run_root=p["run_root"], progress=p["progress"])  # not part of the run's identity
+    run = runs.RunStore(bp["run_root"]).run("baseline", bp, create=False)
+    if not run.done:
+        extra = f" -p run_root {bp['run_root']}" if bp["run_root"] != "runs" else ""
+        raise UpstreamMissing(
+            f"this stage starts from the trained baseline of {params_file}, but {run} holds no finished run. "
+            f"Produce it first with `papermill notebooks/01_baseline.ipynb out.ipynb -f {params_file}{extra}` "
+            f"(or `python -m resnet_lab train {params_file}`); `make report` runs 01_baseline first.")
+    return _finished_baseline(run, data_mod.from_params(bp), bp, True), bp
+
+
+def _finished_baseline(run: runs.Run, dataset: data_mod.Dataset, p: dict, reused: bool) -> BaselineResult:
+    model = models.resnet18(p["width"])
+    try:
         model.load_state_dict(run.load_weights())
-        return BaselineResult(run, model, dataset, run.read_json("history.json"), run.metrics,
-                              torch.tensor(run.read_json("predictions.json")["test"]), reused)
+    except RuntimeError as e:  # shapes or keys of another architecture
+        raise runs.RunStoreError(f"{run.path('model.pt')} does not hold a ResNet18 of width {p['width']}: "
+                                 f"{str(e).splitlines()[0]}") from None
+    return BaselineResult(run, model, dataset, run.read_json("history.json"), run.metrics,
+                          torch.tensor(run.read_json("predictions.json")["test"]), reused)
 
 
 def _train_baseline(run: runs.Run, dataset: data_mod.Dataset, p: dict) -> None:
