@@ -82,6 +82,85 @@ def speed(model: nn.Module, batch_size: int = 128, device: str | torch.device = 
             "threads": torch.get_num_threads(), "speed_device": str(device)}
 
 
+def compare_speed(models: dict[str, nn.Module], batch_size: int = 128, rounds: int = 5, repeats: int = 5,
+                  channels_last: bool = True) -> dict[str, dict[str, float]]:
+    """CPU speed of several models measured side by side: rounds interleave the models, so a change of
+    machine load hits them alike; each gets the median over all its timed batches.
+
+    Every model takes float32 NCHW input and converts it itself (quantized models quantize it), so
+    conversion costs are included.
+    """
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            r = speed(model, batch_size, "cpu", warmup=1, repeats=repeats, channels_last=channels_last)
+            times[name].append(r["latency_ms"])
+    out = {}
+    for name, t in times.items():
+        latency = statistics.median(t)
+        out[name] = {"latency_ms": latency, "throughput_img_s": batch_size / latency * 1e3, "batch_size": batch_size,
+                     "threads": torch.get_num_threads(), "speed_device": "cpu"}
+    return out
+
+
+# ---------------------------------------------------------------- bit widths and the course score
+def bit_widths(model: nn.Module, input_size: tuple[int, ...] = (2, 3, 32, 32)) -> dict[str, float]:
+    """Weight and activation bits measured from the model, as the course score needs them.
+
+    weight_bits: mean bits per conv/linear weight, weighted by the number of weights. A layer
+    whose every output channel holds at most two distinct values (BinaryConnect's ±α) counts 1 bit;
+    otherwise the storage type's bits (32, 16, 8 for quantized int8).
+    act_bits: the widest dtype entering a conv/linear layer during a forward pass.
+    """
+    weights: list[tuple[int, int]] = []  # (count, bits)
+    act: list[int] = []
+
+    def hook(module, inputs, output):
+        act.append(inputs[0].element_size() * 8)
+
+    layers = [m for m in model.modules() if _is_conv_or_linear(m)]
+    for m in layers:
+        w = m.weight() if callable(m.weight) else m.weight  # quantized modules expose weight()
+        weights.append((w.numel(), 1 if _binary(w) else w.element_size() * 8))
+    handles = [m.register_forward_hook(hook) for m in layers]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(torch.zeros(input_size))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    total = sum(n for n, _ in weights)
+    return {"weight_bits": sum(n * b for n, b in weights) / total, "act_bits": float(max(act))}
+
+
+def _is_conv_or_linear(m: nn.Module) -> bool:
+    from torch.ao.nn import quantized as nnq
+
+    return isinstance(m, (nn.Conv2d, nn.Linear, nnq.Conv2d, nnq.Linear))
+
+
+def _binary(w: torch.Tensor) -> bool:
+    """Every output channel holds at most two distinct values (and has more than two weights)."""
+    if w.is_quantized or w.dim() < 2 or w.shape[1:].numel() < 3:
+        return False
+    rows = w.detach().flatten(1).sort(1).values
+    distinct = 1 + (rows.diff(dim=1) != 0).sum(1)
+    return bool((distinct <= 2).all())
+
+
+# Reference counts of the course score: ResNet18's parameters and MACs counted at 16 bits.
+SCORE_PARAMS = 5.6e6
+SCORE_MACS = 2.8e8
+
+
+def course_score(p_s: float, p_u: float, q_w: float, q_a: float, w: int, f: int) -> float:
+    """score = [1 − (p_s + p_u)]·(q_w/32)·w/5.6e6 + (1 − p_s)·(max(q_w, q_a)/32)·f/2.8e8 (lower is better)."""
+    return (1 - (p_s + p_u)) * (q_w / 32) * w / SCORE_PARAMS + (1 - p_s) * (max(q_w, q_a) / 32) * f / SCORE_MACS
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so a timer measures it."""
     if device.type == "cuda":
