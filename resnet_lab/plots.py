@@ -88,3 +88,43 @@ def metrics_table(m: dict) -> pd.DataFrame:
         ("training device", m["train_device"]),
     ]
     return pd.DataFrame(rows, columns=["metric", "value"]).set_index("metric")
+
+
+def epoch_curves(histories: dict[str, Sequence[dict]], title: str) -> plt.Figure:
+    """Train (dashed) and test (solid) loss and accuracy per epoch, one colour per model."""
+    rows = [{"model": name, "epoch": r["epoch"], "split": split, "loss": r[f"{split}_loss"], "acc": r[f"{split}_acc"]}
+            for name, history in histories.items() for r in history
+            for split in ("train", "test") if f"{split}_acc" in r]
+    df = pd.DataFrame(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.8))
+    for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy (%)")):
+        sns.lineplot(data=df, x="epoch", y=metric, hue="model", style="split", style_order=["test", "train"],
+                     markers=True, ax=ax)
+        ax.set(title=f"{label.split(' (')[0].capitalize()} per epoch", xlabel="epoch", ylabel=label)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def tradeoff(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str, label: str = "method",
+             logx: bool = False, reference: float | None = None, reference_label: str = "") -> plt.Figure:
+    """One labelled point per row of `df`: a trade-off such as accuracy vs size on disk."""
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    sns.scatterplot(data=df, x=x, y=y, hue=label, s=110, ax=ax, legend=False)
+    for _, r in df.iterrows():
+        ax.annotate(r[label], (r[x], r[y]), textcoords="offset points", xytext=(6, 5), fontsize=8)
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle="--", label=reference_label)
+        ax.legend(loc="best")
+    if logx:
+        ax.set_xscale("log")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.margins(x=0.15, y=0.12)
+    fig.tight_layout()
+    return fig
+
+
+def show_table(df: pd.DataFrame):
+    """A table for the report: thousands separators, two decimals (a pandas Styler renders as HTML)."""
+    return df.style.format(precision=2, thousands=",")

@@ -44,6 +44,12 @@ def test_report_builds_index_and_html_then_reuses_everything(tmp_path, capsys):
                  'id="Contour"', 'id="Slice"', "COMPLETE", "Retrained", "test "):
         assert text in optuna_html, text
     assert "href='02_optuna.html'" in index and "retrained test accuracy" in index
+    quant_html = (out / "03_quantization.html").read_text()
+    assert quant_html.count("<img") >= 3 and "Traceback" not in quant_html  # BC curves, two trade-offs
+    for text in ("FP16 (BatchNorm in FP32)", "INT8 (FX, x86", "BinaryConnect (deterministic, inner layers)",
+                 "speed-up vs FP32", "course score", "rebuilt model gives identical logits"):
+        assert text in quant_html, text
+    assert "href='03_quantization.html'" in index and "BinaryConnect" in index
     assert report.build("smoke", out, overrides=overrides) == 0  # second run: reuses the stored run
     assert "reused from" in (out / "01_baseline.html").read_text()
 

@@ -10,7 +10,9 @@ from resnet_lab.params import ParamsError
 
 from conftest import PARAMS, ROOT
 
-STAGE_OF = {"bench.yaml": "bench", "optuna.yaml": "optuna", "optuna_full.yaml": "optuna", "optuna_smoke.yaml": "optuna"}
+STAGE_OF = {"bench.yaml": "bench", "optuna.yaml": "optuna", "optuna_full.yaml": "optuna", "optuna_smoke.yaml": "optuna",
+            **{f: "quantization" for f in ("quantization.yaml", "quantization_smoke.yaml", "quantization_full.yaml",
+                                            "fp16.yaml", "int8.yaml", "bc.yaml")}}
 
 
 @pytest.mark.parametrize("path", sorted(p.name for p in PARAMS.glob("*.yaml") if p.name != "report.yaml"))
@@ -67,7 +69,8 @@ def test_from_notebook_catches_papermill_injected_unknown_key():
 
 
 @pytest.mark.parametrize("notebook, params_file, stage", [("01_baseline", "baseline.yaml", "baseline"),
-                                                         ("02_optuna", "optuna.yaml", "optuna")])
+                                                         ("02_optuna", "optuna.yaml", "optuna"),
+                                                         ("03_quantization", "quantization.yaml", "quantization")])
 def test_notebook_parameters_cell_equals_its_default_params_file(notebook, params_file, stage):
     nb = nbformat.read(ROOT / "notebooks" / f"{notebook}.ipynb", as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
