@@ -62,8 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd == "bench":
             from . import bench
 
-            result = bench.run(params.load(a.file, "bench"))
+            p = params.load(a.file, "bench")
+            result = bench.run(p)
             print(bench.describe(result))
+            result["inference"] = bench.inference(p)
+            if result["inference"]:
+                print(bench.describe_inference(result["inference"]))
             write_json(resolve(a.json), result)
     except (params.ParamsError, DataUnavailable, RunStoreError) as e:
         print(f"error: {e}", file=sys.stderr)

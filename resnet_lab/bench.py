@@ -1,6 +1,7 @@
 """`make bench`: training throughput of the project's data pipeline, side by side with
 (a) the pure-compute limit (the same model stepping on one fixed, pre-made batch) and
-(b) a stock pipeline (PIL images + torchvision transforms + DataLoader), same model and batch.
+(b) a stock pipeline (PIL images + torchvision transforms + DataLoader), same model and batch;
+then CPU inference of every finished compressed model of the baseline, side by side with it.
 
 The three are timed in interleaved rounds in one process and the median round is kept, so drift
 of the machine hits all of them alike. Only the data path differs: every pipeline hands the model
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
-from . import metrics, models, train
+from . import metrics, models, quantize, runs, train
 
 
 class StockCIFAR(torch.utils.data.Dataset):
@@ -112,4 +113,35 @@ def describe(r: dict) -> str:
               for k, v in r["img_per_s"].items()]
     lines += [f"  pipeline / limit = {r['pipeline_over_limit']:.3f}",
               f"  pipeline / stock = {r['pipeline_over_stock']:.3f}   (stock DataLoader with {r['stock_workers']} workers)"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- inference of the compressed models
+COMPRESSED_STAGES = ("fp16", "bf16", "int8", "binaryconnect")
+
+
+def inference(p: dict) -> dict | None:
+    """CPU throughput of the baseline of `p['baseline']` and of every finished compressed run made from it,
+    measured side by side (interleaved rounds); None when that baseline has not been trained yet."""
+    try:
+        base, _ = train.trained_baseline(p["baseline"], p)
+    except train.UpstreamMissing as e:
+        print(f"inference: skipped ({e})")
+        return None
+    models_ = {"FP32 (baseline)": base.model.eval()}
+    store = runs.RunStore(p["run_root"])
+    for stage in COMPRESSED_STAGES:
+        for run in store.runs(stage):
+            if run.done and run.params.get("baseline") == base.run.key:
+                models_[run.metrics["label"]] = quantize.load(run)
+    speed = metrics.compare_speed(models_, p["measure_batch_size"], rounds=p["rounds"])
+    ref = speed["FP32 (baseline)"]["throughput_img_s"]
+    return {name: {**s, "speedup_vs_fp32": s["throughput_img_s"] / ref} for name, s in speed.items()}
+
+
+def describe_inference(r: dict) -> str:
+    first = next(iter(r.values()))
+    lines = [f"CPU inference, batch {first['batch_size']}, {first['threads']} threads (median of interleaved rounds)"]
+    lines += [f"  {name:<52} {s['throughput_img_s']:8.0f} img/s  {s['latency_ms']:7.1f} ms  {s['speedup_vs_fp32']:5.2f}x FP32"
+              for name, s in r.items()]
     return "\n".join(lines)

@@ -262,6 +262,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "warmup_steps": _f(int, 2, "untimed steps before each timing", low=0),
         "rounds": _f(int, 3, "rounds of interleaved timing (the median is kept)", low=1),
         "stock_workers": _f(int, 2, "DataLoader worker processes of the stock pipeline", low=0),
+        "baseline": STAGE["baseline"],
     },
 }
 

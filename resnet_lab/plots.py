@@ -109,18 +109,16 @@ def epoch_curves(histories: dict[str, Sequence[dict]], title: str) -> plt.Figure
 
 def tradeoff(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str, label: str = "method",
              logx: bool = False, reference: float | None = None, reference_label: str = "") -> plt.Figure:
-    """One labelled point per row of `df`: a trade-off such as accuracy vs size on disk."""
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    sns.scatterplot(data=df, x=x, y=y, hue=label, s=110, ax=ax, legend=False)
-    for _, r in df.iterrows():
-        ax.annotate(r[label], (r[x], r[y]), textcoords="offset points", xytext=(6, 5), fontsize=8)
+    """One point per row of `df` (colour and marker name it in the legend): a trade-off such as accuracy vs size."""
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    sns.scatterplot(data=df, x=x, y=y, hue=label, style=label, s=130, ax=ax)
     if reference is not None:
         ax.axhline(reference, color="gray", linestyle="--", label=reference_label)
-        ax.legend(loc="best")
     if logx:
         ax.set_xscale("log")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.margins(x=0.15, y=0.12)
+    ax.margins(x=0.1, y=0.1)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=9, title=label)
     fig.tight_layout()
     return fig
 

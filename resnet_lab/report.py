@@ -98,13 +98,27 @@ def render_html(notebook: Path, target: Path) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
 
-    nb = nbformat.read(notebook, as_version=4)
+    nb = _clean_streams(nbformat.read(notebook, as_version=4))
     tags = [set(c.metadata.get("tags", [])) for c in nb.cells]
     if any("injected-parameters" in t for t in tags):  # show the parameters that ran, not the defaults too
         nb.cells = [c for c, t in zip(nb.cells, tags) if "parameters" not in t]
     exporter = HTMLExporter(template_name="lab", exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nb)
     return write_text(target, body)
+
+
+def _clean_streams(nb):
+    """Progress bars as the browser would have left them: papermill stores every tqdm redraw as its own
+    output; merge them, apply the carriage returns, and drop what ends up blank (cleared bars)."""
+    from nbconvert.preprocessors import CoalesceStreamsPreprocessor
+
+    merge = CoalesceStreamsPreprocessor(enabled=True)
+    nb, _ = merge.preprocess(nb, {})
+    for cell in nb.cells:
+        if "outputs" in cell:
+            cell.outputs = [o for o in cell.outputs if o.output_type != "stream" or o.text.strip()]
+    nb, _ = merge.preprocess(nb, {})
+    return nb
 
 
 def read_headline(notebook: Path) -> str | None:

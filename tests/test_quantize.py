@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_lab import data, metrics, models, params, quantize, runs, train
+from resnet_lab import bench, data, metrics, models, params, quantize, runs, train
 
 from conftest import PARAMS
 
@@ -188,7 +188,7 @@ def test_course_score_of_dense_resnet18_matches_the_course():
 
 
 # ---------------------------------------------------------------- the stage
-def test_stage_runs_every_method_then_reuses_them(trained, monkeypatch):
+def test_stage_runs_every_method_then_reuses_them(trained, monkeypatch, tmp_path):
     result, qp = trained
     out = quantize.run(qp)
     methods = [r["method"] for r in out.rows]
@@ -203,6 +203,14 @@ def test_stage_runs_every_method_then_reuses_them(trained, monkeypatch):
     table = quantize.table(out, speed)
     assert table.loc[out.rows[0]["label"], "speed-up vs FP32"] == 1.0
     assert "INT8" in quantize.headline(table) and "BinaryConnect" in quantize.headline(table)
+
+    # `make bench` finds every run of this baseline in the store and times it beside the baseline
+    bp = params.validate({"baseline": "params/smoke.yaml", "run_root": qp["run_root"], "rounds": 1,
+                          "measure_batch_size": 8}, "bench")
+    inference = bench.inference(bp)
+    assert set(inference) == {r["label"] for r in out.rows}
+    assert inference[out.rows[0]["label"]]["speedup_vs_fp32"] == 1.0
+    assert bench.inference(dict(bp, run_root=str(tmp_path / "empty"))) is None
 
     def no_training(*a, **k):
         raise AssertionError("a finished run was recomputed")
