@@ -39,8 +39,9 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -
     was_training = model.training
     try:
         model.eval()
-        p = next(model.parameters())
-        model(torch.zeros(input_size, device=p.device, dtype=p.dtype))
+        p = next(model.parameters(), None)  # a quantized model has none: float32 on the CPU
+        model(torch.zeros(input_size, device=p.device if p is not None else "cpu",
+                          dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32))
     finally:
         model.train(was_training)
         for h in handles:
