@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
-from . import metrics, models, quantize, runs, train
+from . import factorize, metrics, models, quantize, runs, train
 
 
 class StockCIFAR(torch.utils.data.Dataset):
@@ -117,7 +117,8 @@ def describe(r: dict) -> str:
 
 
 # ---------------------------------------------------------------- inference of the compressed models
-COMPRESSED_STAGES = ("fp16", "bf16", "int8", "binaryconnect")
+# stage -> loader of a finished run's inference model
+LOADERS = {**{stage: quantize.load for stage in ("fp16", "bf16", "int8", "binaryconnect")}, "svd": factorize.load}
 
 
 def inference(p: dict) -> dict | None:
@@ -130,18 +131,26 @@ def inference(p: dict) -> dict | None:
         return None
     models_ = {"FP32 (baseline)": base.model.eval()}
     store = runs.RunStore(p["run_root"])
-    for stage in COMPRESSED_STAGES:
+    for stage, load in LOADERS.items():
         for run in store.runs(stage):
             if run.done and run.params.get("baseline") == base.run.key:
-                models_[run.metrics["label"]] = quantize.load(run)
+                models_[run.metrics["label"]] = load(run)
     speed = metrics.compare_speed(models_, p["measure_batch_size"], rounds=p["rounds"])
     ref = speed["FP32 (baseline)"]["throughput_img_s"]
-    return {name: {**s, "speedup_vs_fp32": s["throughput_img_s"] / ref} for name, s in speed.items()}
+    ref_macs = metrics.count_macs(base.model)["macs"]
+    out = {}
+    for name, s in speed.items():
+        macs = metrics.count_macs(models_[name])["macs"]  # 0 for int8: its quantized convs are not nn.Conv2d
+        out[name] = {**s, "speedup_vs_fp32": s["throughput_img_s"] / ref,
+                     "mac_reduction": ref_macs / macs if macs else None}
+    return out
 
 
 def describe_inference(r: dict) -> str:
     first = next(iter(r.values()))
     lines = [f"CPU inference, batch {first['batch_size']}, {first['threads']} threads (median of interleaved rounds)"]
     lines += [f"  {name:<52} {s['throughput_img_s']:8.0f} img/s  {s['latency_ms']:7.1f} ms  {s['speedup_vs_fp32']:5.2f}x FP32"
+              + (f"  ({s['mac_reduction']:.2f}x fewer MACs: speed-up / MAC reduction = "
+                 f"{s['speedup_vs_fp32'] / s['mac_reduction']:.2f})" if s["mac_reduction"] and s["mac_reduction"] > 1.001 else "")
               for name, s in r.items()]
     return "\n".join(lines)

@@ -250,10 +250,54 @@ QUANTIZATION: dict[str, Field] = {
                            validator=check_bc_variants),
 }
 
+def check_ranks(key: str, value: Any) -> list[float]:
+    """Rank values of a sweep: numbers > 0 (their meaning, and whether they must be whole or ≤ 1, depends
+    on rank_rule, checked in `validate`)."""
+    if not isinstance(value, list):
+        raise ParamsError(f"'{key}' must be a list of rank values, not {value!r}")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ParamsError(f"'{key}' holds {v!r}; every rank value must be a number > 0")
+    if len(set(value)) != len(value):
+        raise ParamsError(f"'{key}' lists a value twice: {value!r}")
+    return list(value)
+
+
+SVD: dict[str, Field] = {
+    "rank_rule": _f(str, "fraction", "how each layer's rank is chosen: a fixed rank, a fraction of the layer's "
+                    "full rank, or the share of singular-value energy kept", choices=("fixed", "fraction", "energy")),
+    "ranks": Field(list, [0.5, 0.25], "the sweep: rank values under rank_rule (fixed: whole ranks >= 1; "
+                   "fraction and energy: in (0, 1])", validator=check_ranks),
+    "scratch_ranks": Field(list, [], "rank values (as in 'ranks') whose factorized architecture is also trained "
+                           "from random weights, like the old scripts, for comparison", validator=check_ranks),
+    "scratch_epochs": _f(int, 40, "training epochs of the from-scratch models", low=1, high=10_000),
+    "rank_multiple": _f(int, 1, "round every rank up to a multiple of this (CPU kernels compute channels in "
+                        "SIMD-wide blocks: 16 floats with AVX-512, 8 with AVX2; a smaller rank saves MACs, not time)",
+                        low=1, high=1024),
+    "include_stem": _f(bool, False, "also factorize the first conv (3 input channels: little to gain)"),
+    "include_1x1": _f(bool, False, "also factorize the 1x1 shortcut convs"),
+}
+
+
+def _check_svd(values: dict[str, Any]) -> None:
+    rule = values["rank_rule"]
+    if not values["ranks"]:
+        raise ParamsError("'ranks' must list at least one rank value")
+    for v in values["ranks"] + values["scratch_ranks"]:
+        if rule == "fixed" and (not isinstance(v, int) or v < 1):
+            raise ParamsError(f"rank value {v!r}: with rank_rule 'fixed' every value is a whole rank >= 1")
+        if rule in ("fraction", "energy") and not 0 < v <= 1:
+            raise ParamsError(f"rank value {v!r}: with rank_rule '{rule}' every value lies in (0, 1]")
+
+
+# Checks across keys of one stage, run after each key's own check.
+CROSS_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"svd": _check_svd}
+
 SCHEMAS: dict[str, dict[str, Field]] = {
     "baseline": {**COMMON, **TRAINING, **REPORTING},
     "optuna": {**COMMON, **TRAINING, **REPORTING, **TUNING},
     "quantization": {**STAGE, **FINETUNE, **QUANTIZATION},
+    "svd": {**STAGE, **FINETUNE, **SVD},
     "bench": {
         **COMMON,
         "width": TRAINING["width"],
@@ -293,8 +337,11 @@ def validate(values: Mapping[str, Any], stage: str) -> dict[str, Any]:
             lines.append(f"unknown parameter '{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise ParamsError("; ".join(lines) + f". Allowed keys for stage '{stage}': {', '.join(sorted(schema))}")
     # defaults pass the same checks, so list/dict values are always in their normalized form
-    return {key: field.check(key, values[key] if key in values else copy.deepcopy(field.default))
-            for key, field in schema.items()}
+    out = {key: field.check(key, values[key] if key in values else copy.deepcopy(field.default))
+           for key, field in schema.items()}
+    if stage in CROSS_CHECKS:
+        CROSS_CHECKS[stage](out)
+    return out
 
 
 # The default params file of each stage: its notebook's parameters cell equals it (a test checks), and
@@ -302,7 +349,7 @@ def validate(values: Mapping[str, Any], stage: str) -> dict[str, Any]:
 # (which overrides the notebook's cell) and to `load`.
 PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
 DEFAULT_FILES = {"baseline": "baseline.yaml", "optuna": "optuna.yaml", "quantization": "quantization.yaml",
-                 "bench": "bench.yaml"}
+                 "svd": "svd.yaml", "bench": "bench.yaml"}
 
 
 def load(path: str | Path, stage: str) -> dict[str, Any]:

@@ -126,3 +126,15 @@ def tradeoff(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: 
 def show_table(df: pd.DataFrame):
     """A table for the report: thousands separators, two decimals (a pandas Styler renders as HTML)."""
     return df.style.format(precision=2, thousands=",")
+
+
+def bars(df: pd.DataFrame, x: str, y: str, title: str, ylabel: str) -> plt.Figure:
+    """One bar per row, e.g. training time per model."""
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    sns.barplot(data=df, x=x, y=y, hue=x, legend=False, palette="viridis", ax=ax)
+    ax.set(title=title, xlabel=x, ylabel=ylabel)
+    ax.tick_params(axis="x", rotation=20)
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.0f", fontsize=8)
+    fig.tight_layout()
+    return fig

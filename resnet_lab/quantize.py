@@ -387,6 +387,8 @@ class _Stage:
             model = copy.deepcopy(self.base.model) if v["init"] == "pretrained" else models.build(self.arch)
             names = binarize(model, v["layers"], v["mode"], v["scale"])
             before = self.evaluate(model)["test_acc"]
+            if self.p["progress"]:
+                print(f"{label}: training into {run}", flush=True)
             fit_p = {**self.bp, **recipe, "seed": self.p["seed"], "device": self.p["device"], "progress": self.p["progress"]}
             history = train.fit(model, self.base.dataset, fit_p, checkpoint=run.path("checkpoint.pt"),
                                 after_step=lambda: clip_(model))

@@ -50,6 +50,11 @@ def test_report_builds_index_and_html_then_reuses_everything(tmp_path, capsys):
                  "speed-up vs FP32", "course score", "rebuilt model gives identical logits"):
         assert text in quant_html, text
     assert "href='03_quantization.html'" in index and "BinaryConnect" in index
+    svd_html = (out / "05_svd.html").read_text()
+    assert svd_html.count("<img") >= 6 and "Traceback" not in svd_html  # the six figures + throughput vs MACs
+    for text in ("SVD 0.25 of full rank (from scratch)", "speed-up ÷ MAC reduction", "Memory footprint vs parameters"):
+        assert text in svd_html, text
+    assert "href='05_svd.html'" in index and "fewer parameters" in index
     assert report.build("smoke", out, overrides=overrides) == 0  # second run: reuses the stored run
     assert "reused from" in (out / "01_baseline.html").read_text()
 
