@@ -355,8 +355,14 @@ class _Stage:
             model = load_half(run.path("model.pt"), self.arch, dtype)
             acc = self.evaluate(model, self.device)
             label = {"fp16": "FP16", "bf16": "BF16"}[method] + " (BatchNorm in FP32)"
-            self._finish(run, self.row(label, method, model, acc, run.path("model.pt"), run, eval_device=str(self.device)),
-                         out, model)
+            extra = {}
+            if self.device.type == "cuda":  # also the float32 weights under autocast, as training ran
+                test = data_mod.Batches(self.base.dataset.test, self.p["eval_batch_size"], self.device)
+                extra["autocast_test_acc"] = train.evaluate(self.base.model.to(self.device), test, dtype,
+                                                            self.bp["eval_flip"])["acc"]
+                self.base.model.to("cpu")
+            self._finish(run, self.row(label, method, model, acc, run.path("model.pt"), run,
+                                       eval_device=str(self.device), **extra), out, model)
 
     def int8(self, out: Result) -> None:
         backend, n = self.p["int8_backend"], self.p["calibration_images"]
@@ -449,12 +455,13 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
-def describe(summary: "pd.DataFrame") -> str:
-    """What half precision costs on this CPU, in words, from the measured table."""
+def describe(summary: "pd.DataFrame", result: Result | None = None) -> str:
+    """What half precision costs on this CPU (and under CUDA autocast), in words, from the measured table."""
     speed = "speed-up vs FP32"
     if speed not in summary:
         return ""
-    lines = []
+    lines = [f"**{r['label']}** under CUDA autocast (float32 weights): test accuracy {r['autocast_test_acc']:.2f}%."
+             for r in (result.rows if result else []) if "autocast_test_acc" in r]
     for name, flag in (("FP16", "avx512_fp16"), ("BF16", "avx512_bf16")):
         hit = [m for m in summary.index if m.startswith(name)]
         if hit:
