@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from torch import nn
 from . import data as data_mod
 from . import metrics, models, runs, train
 from . import params as params_mod
+
+if TYPE_CHECKING:  # tables are built on demand; pandas is imported there
+    import pandas as pd
 
 RULES = ("fixed", "fraction", "energy")
 
@@ -146,8 +149,7 @@ def _costs(model: nn.Module) -> dict[str, int]:
 
 
 def _evaluate(model: nn.Module, dataset: data_mod.Dataset, split_name: str, p: dict, flip: bool) -> float:
-    batches = data_mod.Batches(getattr(dataset, split_name), p["eval_batch_size"], "cpu")
-    return train.evaluate(model, batches, flip=flip)["acc"]
+    return train.evaluate_split(model, getattr(dataset, split_name), p["eval_batch_size"], flip)["acc"]
 
 
 def _one(out: Result, store: runs.RunStore, base: train.BaselineResult, bp: dict, p: dict, mode: str, value: float) -> None:
@@ -198,7 +200,7 @@ def load(run: runs.Run) -> nn.Module:
     return model.eval()
 
 
-def table(result: Result, speed: dict[str, dict] | None = None) -> "pd.DataFrame":
+def table(result: Result, speed: dict[str, dict] | None = None) -> pd.DataFrame:
     import pandas as pd
 
     base = result.rows[0]
@@ -228,7 +230,7 @@ def left_alone(result: Result) -> str:
             "original):  \n" + "  \n".join(lines))
 
 
-def headline(summary: "pd.DataFrame", max_loss: float = 3.0) -> str:
+def headline(summary: pd.DataFrame, max_loss: float = 3.0) -> str:
     """The most compressed fine-tuned model within `max_loss` points of the baseline."""
     tuned = summary[~summary.index.str.contains("scratch") & (summary["layers factorized"] > 0)]
     ok = tuned[tuned["Δ vs baseline (pt)"] >= -max_loss]

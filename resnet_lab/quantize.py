@@ -8,12 +8,13 @@ BinaryConnect training with a packed 1-bit export, and the 03_quantization stage
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from torch.nn.utils import parametrize
 from . import data as data_mod
 from . import metrics, models, runs, train
 from . import params as params_mod
+
+if TYPE_CHECKING:  # tables are built on demand; pandas is imported there
+    import pandas as pd
 
 # ---------------------------------------------------------------- FP16 / BF16
 
@@ -61,15 +65,15 @@ def load_half(path: str | os.PathLike, arch: dict, dtype: torch.dtype) -> Precis
 # torch.ao.quantization is deprecated in favour of torchao's PT2E flow, whose CPU speed comes from
 # lowering through torch.compile/Inductor (a C++ toolchain and minutes of compilation). The FX flow
 # runs eagerly on the fbgemm/oneDNN int8 kernels and works on torch 2.14, so it is the one used here.
+@contextlib.contextmanager
 def _quiet_ao():
-    w = warnings.catch_warnings()
-    w.__enter__()
-    warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
-    warnings.filterwarnings("ignore", message=r".*reduce_range will be deprecated.*")
-    warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
-    warnings.filterwarnings("ignore", message=r".*must run observer before calling calculate_qparams.*")
-    warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")  # loading quantized tensors
-    return w
+    """Silence the FX flow's deprecation notices (the choice is explained above), nothing else."""
+    with warnings.catch_warnings():
+        for pattern in (r".*torch\.ao\.quantization is deprecated.*", r".*reduce_range will be deprecated.*",
+                        r".*quantized tensor creation functions.*", r".*must run observer before calling calculate_qparams.*",
+                        r".*TypedStorage is deprecated.*"):  # the last: loading quantized tensors
+            warnings.filterwarnings("ignore", message=pattern)
+        yield
 
 
 def _prepare_int8(model: nn.Module, backend: str) -> nn.Module:
@@ -89,27 +93,21 @@ def int8(model: nn.Module, calibration: data_mod.Batches, backend: str = "x86") 
     """
     from torch.ao.quantization.quantize_fx import convert_fx
 
-    w = _quiet_ao()
-    try:
+    with _quiet_ao():
         prepared = _prepare_int8(model, backend)
         with torch.inference_mode():
             for x, _ in calibration:
                 prepared(x.cpu().contiguous())
         return convert_fx(prepared)
-    finally:
-        w.__exit__(None, None, None)
 
 
 def load_int8(path: str | os.PathLike, arch: dict, backend: str = "x86") -> nn.Module:
     """Rebuild the quantized graph for `arch` and load its saved int8 state (scales, zero points, weights)."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
-    w = _quiet_ao()
-    try:
+    with _quiet_ao():
         model = convert_fx(_prepare_int8(models.build(arch), backend))
         model.load_state_dict(runs.load_torch(path))
-    finally:
-        w.__exit__(None, None, None)
     return model
 
 
@@ -308,14 +306,11 @@ class _Stage:
 
     def evaluate(self, model: nn.Module, device: torch.device | str = "cpu") -> dict[str, float]:
         """Test and validation accuracy with the baseline's protocol (eval_flip), float32 input."""
-        cl = train.channels_last(torch.device(device))
-        model = model.to(device, memory_format=torch.channels_last if cl else torch.preserve_format)
         out = {}
         for split in ("test", "val"):
-            batches = data_mod.Batches(getattr(self.base.dataset, split), self.p["eval_batch_size"], device, channels_last=cl)
-            r = train.evaluate(model, batches, flip=self.bp["eval_flip"])
+            r = train.evaluate_split(model, getattr(self.base.dataset, split), self.p["eval_batch_size"],
+                                     self.bp["eval_flip"], device)
             out[f"{split}_acc"], out[f"{split}_loss"] = r["acc"], r["loss"]
-        model.to("cpu", memory_format=torch.contiguous_format)
         return out
 
     def row(self, label: str, method: str, model: nn.Module, acc: dict, artifact: Path, run: runs.Run,
@@ -414,7 +409,7 @@ class _Stage:
             run.path("checkpoint.pt").unlink(missing_ok=True)
 
 
-def table(result: Result, speed: dict[str, dict] | None = None) -> "pd.DataFrame":
+def table(result: Result, speed: dict[str, dict] | None = None) -> pd.DataFrame:
     """The comparison table: one row per method; speed columns from `metrics.compare_speed` if given."""
     import pandas as pd
 
@@ -434,7 +429,7 @@ def table(result: Result, speed: dict[str, dict] | None = None) -> "pd.DataFrame
     return pd.DataFrame(rows).set_index("method")
 
 
-def bc_table(result: Result) -> "pd.DataFrame":
+def bc_table(result: Result) -> pd.DataFrame:
     """BinaryConnect details: layers binarized, accuracy before/after training, export check and size."""
     import pandas as pd
 
@@ -455,7 +450,7 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
-def describe(summary: "pd.DataFrame", result: Result | None = None) -> str:
+def describe(summary: pd.DataFrame, result: Result | None = None) -> str:
     """What half precision costs on this CPU (and under CUDA autocast), in words, from the measured table."""
     speed = "speed-up vs FP32"
     if speed not in summary:
@@ -479,7 +474,7 @@ def describe(summary: "pd.DataFrame", result: Result | None = None) -> str:
     return "  \n".join(lines)
 
 
-def headline(summary: "pd.DataFrame") -> str:
+def headline(summary: pd.DataFrame) -> str:
     parts = []
     for prefix in ("INT8", "FP16", "BF16"):
         hit = [m for m in summary.index if m.startswith(prefix)]

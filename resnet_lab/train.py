@@ -104,6 +104,18 @@ def evaluate(model: nn.Module, batches: data_mod.Batches, amp: torch.dtype | Non
     return score(predict(model, batches, amp, flip), batches.labels.cpu())
 
 
+def evaluate_split(model: nn.Module, split: data_mod.Split, batch_size: int, flip: bool = False,
+                   device: torch.device | str = "cpu") -> dict[str, float]:
+    """`evaluate` on one split, run on `device` (channels_last where it pays); the model ends on the CPU."""
+    device = torch.device(device)
+    cl = channels_last(device)
+    model.to(device, memory_format=torch.channels_last if cl else torch.preserve_format)
+    try:
+        return evaluate(model, data_mod.Batches(split, batch_size, device, channels_last=cl), flip=flip)
+    finally:
+        model.to("cpu", memory_format=torch.contiguous_format)
+
+
 def score(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return {"loss": F.cross_entropy(logits, labels).item(), "acc": 100.0 * (logits.argmax(1) == labels).float().mean().item()}
 

@@ -1,6 +1,4 @@
 """Quantization: BinaryConnect's invariants, the packed 1-bit export, FP16, INT8 and the 03 stage."""
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
