@@ -82,11 +82,6 @@ def candidates(model: nn.Module, include_stem: bool = False, include_1x1: bool =
             if (include_1x1 or m.kernel_size != (1, 1)) and (include_stem or n != stem)]
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-
-
 def svd(model: nn.Module, rule: str, value: float, include_stem: bool = False, include_1x1: bool = False,
         multiple: int = 1) -> tuple[nn.Module, dict[str, int], list[str]]:
     """A copy of `model` with every candidate conv factorized at the rank its rule picks.
@@ -98,7 +93,7 @@ def svd(model: nn.Module, rule: str, value: float, include_stem: bool = False, i
     for name, conv in candidates(model, include_stem, include_1x1):
         r = choose_rank(conv, rule, value, multiple)
         if saves_params(conv, r):
-            _replace(model, name, split(conv, r))
+            model.set_submodule(name, split(conv, r))
             ranks[name] = r
         else:
             skipped.append(name)
@@ -109,7 +104,7 @@ def build(arch: dict) -> nn.Module:
     """The (untrained) factorized model an arch record describes: the base model plus {layer: rank}."""
     model = models.build(arch)
     for name, r in arch.get("factorized", {}).items():
-        _replace(model, name, split(model.get_submodule(name), int(r), init=False))
+        model.set_submodule(name, split(model.get_submodule(name), int(r), init=False))
     return model
 
 

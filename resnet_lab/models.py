@@ -60,11 +60,37 @@ def resnet18(width: int = 64, num_classes: int = 10) -> ResNet:
 
 
 def build(arch: dict) -> nn.Module:
-    """The model an `arch` record describes (stored next to weights, so a file says what it holds)."""
+    """The model an `arch` record describes (stored next to weights, so a file says what it holds).
+
+    A record with `shapes` ({layer: weight shape}, from `shapes_of`) describes a ResNet18 whose
+    channels were removed by structured pruning: those layers are rebuilt at the recorded sizes.
+    """
     if arch.get("name") != "resnet18":
         raise ValueError(f"unknown architecture {arch!r}; known: resnet18")
-    return resnet18(int(arch["width"]), int(arch.get("num_classes", 10)))
+    model = resnet18(int(arch["width"]), int(arch.get("num_classes", 10)))
+    for name, shape in arch.get("shapes", {}).items():
+        model.set_submodule(name, _resized(model.get_submodule(name), shape))
+    return model
 
 
 def arch_of(model: ResNet) -> dict:
     return {"name": "resnet18", "width": model.width, "num_classes": model.linear.out_features}
+
+
+def shapes_of(model: nn.Module) -> dict[str, list[int]]:
+    """The weight shape of every conv, BatchNorm and linear layer (what `build` needs to resize them)."""
+    return {name: list(m.weight.shape) for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))}
+
+
+def _resized(m: nn.Module, shape: list[int]) -> nn.Module:
+    """An untrained copy of layer `m` with the weight shape `shape` (its other settings kept)."""
+    if isinstance(m, nn.Conv2d):
+        return nn.Conv2d(shape[1] * m.groups, shape[0], m.kernel_size, stride=m.stride, padding=m.padding,
+                         dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
+    if isinstance(m, nn.BatchNorm2d):
+        return nn.BatchNorm2d(shape[0], eps=m.eps, momentum=m.momentum, affine=m.affine,
+                              track_running_stats=m.track_running_stats)
+    if isinstance(m, nn.Linear):
+        return nn.Linear(shape[1], shape[0], bias=m.bias is not None)
+    raise ValueError(f"cannot resize a {type(m).__name__}")

@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from . import data as data_mod
-from . import metrics, models, runs, train
+from . import metrics, models, packed, runs, train
 from . import params as params_mod
 
 if TYPE_CHECKING:  # tables are built on demand; pandas is imported there
@@ -135,26 +134,35 @@ class Binarize(nn.Module):
     binarized ones exist only during forward and backward, so "binarize, forward, backward,
     restore" is what autograd does. `clip_` keeps the real weights in [-1, 1] after each step.
     With `scale`, α = mean |w| per output channel (XNOR-Net). In eval mode the stochastic variant
-    binarizes deterministically, as the exported model does.
+    binarizes deterministically, as the exported model does. With a `mask` (a pruned layer), the
+    masked weights stay exactly zero: the layer computes with {-1, 0, +1} (or {-α, 0, +α}).
     """
 
-    def __init__(self, stochastic: bool = False, scale: bool = False):
+    def __init__(self, stochastic: bool = False, scale: bool = False, mask: torch.Tensor | None = None):
         super().__init__()
         self.stochastic, self.scale = stochastic, scale
+        self.register_buffer("mask", mask)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         b = _SignSTE.apply(w, self.stochastic and self.training)
-        return b * alpha(w) if self.scale else b
+        if self.mask is not None:
+            b = b * self.mask
+        return b * alpha(w, self.mask) if self.scale else b
 
 
-def alpha(w: torch.Tensor) -> torch.Tensor:
-    return w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
+def alpha(w: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean |w| per output channel (over the unmasked weights when a mask is given)."""
+    dims = tuple(range(1, w.dim()))
+    if mask is None:
+        return w.abs().mean(dim=dims, keepdim=True)
+    return (w.abs() * mask).sum(dim=dims, keepdim=True) / mask.sum(dim=dims, keepdim=True).clamp(min=1)
 
 
 LAYER_CHOICES = ("inner", "all")
 
 
-def binarize(model: nn.Module, layers: str = "inner", mode: str = "deterministic", scale: bool = False) -> list[str]:
+def binarize(model: nn.Module, layers: str = "inner", mode: str = "deterministic", scale: bool = False,
+             keep_zeros: bool = False) -> list[str]:
     """Register BinaryConnect on the model's conv and linear layers (in place); return their names.
 
     layers='inner' leaves the first conv and the last linear in float32: the stem sees 3 input
@@ -168,7 +176,9 @@ def binarize(model: nn.Module, layers: str = "inner", mode: str = "deterministic
     if layers == "inner":
         candidates = candidates[1:-1]
     for _, m in candidates:
-        parametrize.register_parametrization(m, "weight", Binarize(mode == "stochastic", scale))
+        zeros = m.weight == 0
+        mask = (~zeros).to(m.weight.dtype) if keep_zeros and bool(zeros.any()) else None
+        parametrize.register_parametrization(m, "weight", Binarize(mode == "stochastic", scale, mask))
     return [n for n, _ in candidates]
 
 
@@ -185,66 +195,41 @@ def clip_(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------- packed 1-bit export
-BINARY_FORMAT = "resnet-lab/binary-weights/1"
-_ORIGINAL = ".parametrizations.weight.original"
-
-
 @torch.no_grad()
-def save_binary(model: nn.Module, path: str | os.PathLike, arch: dict) -> Path:
-    """Write `model` with 1 bit per binarized weight (np.packbits) plus α, BatchNorm and float layers.
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict of a binarized model as a plain model holds it: each binarized layer's `weight` is
+    the binarized tensor (±1, ±α, 0), the latent real weights and masks are left out.
 
-    The file holds two tensors (all bits, all float32 values) and a layout of plain lists, so it
-    loads with `torch.load(weights_only=True)`.
+    (Removing the parametrizations from a deep copy would not do: the copy shares the parametrized
+    class with the original, and removal deletes the `weight` property from that class.)
     """
-    scaled = {n: m.parametrizations.weight[0].scale for n, m in binarized(model)}
-    packed, floats, layout = [], [], []
-    n_bytes = n_floats = 0
+    was_training = model.training
+    model.eval()  # a stochastic layer binarizes deterministically
+    try:
+        layers = dict(binarized(model))
+        state = {}
+        for key, t in model.state_dict().items():
+            name, sep, rest = key.partition(".parametrizations.weight.")
+            if sep and name in layers:
+                if rest == "original":
+                    state[f"{name}.weight"] = layers[name].weight.detach().clone()
+                continue  # the mask buffer
+            state[key] = t
+        return state
+    finally:
+        model.train(was_training)
 
-    def add_floats(t: torch.Tensor) -> int:
-        nonlocal n_floats
-        floats.append(t.detach().float().cpu().flatten())
-        n_floats += t.numel()
-        return n_floats - t.numel()
 
-    for key, t in model.state_dict().items():
-        if key.endswith(_ORIGINAL):
-            layer = key[: -len(_ORIGINAL)]
-            bits = np.packbits((t >= 0).cpu().numpy().ravel())
-            packed.append(bits)
-            entry = {"name": f"{layer}.weight", "kind": "bits", "shape": list(t.shape), "offset": n_bytes,
-                     "scale_offset": add_floats(alpha(t)) if scaled[layer] else -1}
-            n_bytes += bits.size
-        elif t.is_floating_point():
-            entry = {"name": key, "kind": "float", "shape": list(t.shape), "offset": add_floats(t)}
-        else:  # BatchNorm's num_batches_tracked
-            entry = {"name": key, "kind": "int", "shape": list(t.shape), "value": t.flatten().tolist()}
-        layout.append(entry)
-    blob = {"format": BINARY_FORMAT, "arch": arch, "layout": layout,
-            "bits": torch.from_numpy(np.concatenate(packed) if packed else np.zeros(0, np.uint8)),
-            "floats": torch.cat(floats) if floats else torch.zeros(0)}
-    return runs.save_torch(path, blob)
+def save_binary(model: nn.Module, path: str | os.PathLike, arch: dict) -> Path:
+    """Write `model` with 1 bit per binarized weight (plus a 1-bit mask where pruned), α, BatchNorm and
+    float layers (`packed`); it loads with `torch.load(weights_only=True)`."""
+    return packed.save(plain_state(model), path, arch)
 
 
 def load_binary(path: str | os.PathLike) -> nn.Module:
     """Rebuild a plain float32 model whose binarized layers hold ±1 (or ±α): the same predictions."""
-    blob = runs.load_torch(path)
-    if not isinstance(blob, dict) or blob.get("format") != BINARY_FORMAT:
-        raise runs.RunStoreError(f"{path} is not a resnet-lab binary-weights file ({BINARY_FORMAT})")
-    bits, floats = blob["bits"].numpy(), blob["floats"]
-    state = {}
-    for e in blob["layout"]:
-        shape, n = e["shape"], int(np.prod(e["shape"], dtype=np.int64))
-        if e["kind"] == "bits":
-            signs = np.unpackbits(bits[e["offset"]: e["offset"] + (n + 7) // 8])[:n]
-            w = torch.from_numpy(signs.astype(np.float32)).view(shape) * 2 - 1
-            if e["scale_offset"] >= 0:
-                w = w * floats[e["scale_offset"]: e["scale_offset"] + shape[0]].view(-1, *[1] * (len(shape) - 1))
-            state[e["name"]] = w
-        elif e["kind"] == "float":
-            state[e["name"]] = floats[e["offset"]: e["offset"] + n].view(shape).clone()
-        else:
-            state[e["name"]] = torch.tensor(e["value"], dtype=torch.long).view(shape)
-    model = models.build(blob["arch"])
+    state, arch = packed.load(path)
+    model = models.build(arch)
     model.load_state_dict(state)
     return model.eval()
 

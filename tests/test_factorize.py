@@ -25,7 +25,7 @@ def test_full_rank_factorization_keeps_the_network_predictions():
     with torch.no_grad():
         ref = model(x)
         for name, conv in factorize.candidates(model, include_stem=True, include_1x1=True):
-            factorize._replace(model, name, factorize.split(conv, factorize.full_rank(conv)))
+            model.set_submodule(name, factorize.split(conv, factorize.full_rank(conv)))
         out = model(x)
     assert torch.allclose(out, ref, atol=1e-4) and torch.equal(out.argmax(1), ref.argmax(1))
 

@@ -140,7 +140,7 @@ def test_packed_file_is_a_twentieth_of_the_float32_file_at_the_default_width(tmp
 
 def test_a_file_that_is_not_a_binary_export_is_refused(tmp_path):
     path = runs.save_torch(tmp_path / "x.pt", {"format": "something else"})
-    with pytest.raises(runs.RunStoreError, match="not a resnet-lab binary-weights file"):
+    with pytest.raises(runs.RunStoreError, match="not a resnet-lab packed weights file"):
         quantize.load_binary(path)
 
 
