@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
-from . import factorize, metrics, models, quantize, runs, train
+from . import factorize, metrics, models, prune, quantize, runs, train
 
 
 class StockCIFAR(torch.utils.data.Dataset):
@@ -118,7 +118,8 @@ def describe(r: dict) -> str:
 
 # ---------------------------------------------------------------- inference of the compressed models
 # stage -> loader of a finished run's inference model
-LOADERS = {**{stage: quantize.load for stage in ("fp16", "bf16", "int8", "binaryconnect")}, "svd": factorize.load}
+LOADERS = {**{stage: quantize.load for stage in ("fp16", "bf16", "int8", "binaryconnect")}, "svd": factorize.load,
+           "prune": prune.load, "prune_then": prune.load}
 
 
 def inference(p: dict) -> dict | None:

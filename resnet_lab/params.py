@@ -290,14 +290,110 @@ def _check_svd(values: dict[str, Any]) -> None:
             raise ParamsError(f"rank value {v!r}: with rank_rule '{rule}' every value lies in (0, 1]")
 
 
+def _fractions(low_open: bool, what: str) -> Callable[[str, Any], list[float]]:
+    """Validator of a list of distinct fractions in [0, 1) (or (0, 1) when `low_open`)."""
+    def check(key: str, value: Any) -> list[float]:
+        if not isinstance(value, list):
+            raise ParamsError(f"'{key}' must be a list of {what}, not {value!r}")
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < 1 if low_open else 0 <= v < 1):
+                raise ParamsError(f"'{key}' holds {v!r}; each of its {what} lies in {'(0' if low_open else '[0'}, 1)")
+        if len(set(value)) != len(value):
+            raise ParamsError(f"'{key}' lists a value twice: {value!r}")
+        return [float(v) for v in value]
+    return check
+
+
+# One pruning recipe. The top-level keys are the defaults of every entry of `variants`.
+PRUNE_VARIANT: dict[str, Field] = {
+    "method": _f(str, "l1", "l1: unstructured L1 magnitude (masked weights); ln_structured: whole output channels "
+                 "with the lowest filter Ln norm, physically removed", choices=("l1", "ln_structured")),
+    "scope": _f(str, "global", "global: one ranking over all chosen layers; layer: the same amount in each layer "
+                "(or channel group); sensitivity (l1): per-layer amounts derived from the sensitivity analysis",
+                choices=("global", "layer", "sensitivity")),
+    "amounts": Field(list, [0.5], "the sweep: share of the chosen weights zeroed (l1) or of the channels removed "
+                     "(ln_structured), each in [0, 1)", validator=_fractions(False, "amounts")),
+    "schedule": _f(str, "oneshot", "oneshot: prune then fine-tune; iterative (l1): `steps` rounds of prune a little "
+                   "more, fine-tune, on a gradual (cubic) schedule, with the epochs split between them",
+                   choices=("oneshot", "iterative")),
+    "steps": _f(int, 3, "iterative schedule: prune/fine-tune rounds", low=1, high=100),
+    "norm": _f(int, 1, "ln_structured: n of the Ln norm that ranks filters (1 like the old scripts, or 2)", choices=(1, 2)),
+    "round_to": _f(int, 1, "ln_structured: channels kept per layer are rounded to a multiple of this (16 suits "
+                   "AVX-512 CPU kernels, which compute 16 channels at a time)", low=1, high=1024),
+    "include_stem": _f(bool, False, "also prune the first conv (3 input channels: little to gain, much to lose)"),
+    "include_fc": _f(bool, True, "l1: also prune the classifier (last linear)"),
+    "then": _f(str, "none", "what follows the fine-tuned pruning: nothing, FP16 or BF16 conversion, or BinaryConnect "
+               "training of the inner layers that keeps the pruned weights at zero",
+               choices=("none", "fp16", "bf16", "binaryconnect")),
+    "epochs": _f(int, 5, "fine-tuning epochs after pruning (iterative: in total)", low=1, high=10_000),
+    "lr": TRAINING["lr"],
+    "then_epochs": _f(int, 5, "then = binaryconnect: training epochs", low=1, high=10_000),
+    "then_lr": _f(float, 0.003, "then = binaryconnect: peak learning rate", low=0.0, high=10.0, low_open=True),
+}
+
+
+def check_prune_variants(key: str, value: Any) -> list[dict[str, Any]]:
+    """A list of mappings of PRUNE_VARIANT keys; the keys a variant leaves out take the top-level values."""
+    if not isinstance(value, list):
+        raise ParamsError(f"'{key}' must be a list of variants (mappings of {', '.join(PRUNE_VARIANT)}), not {value!r}")
+    out = []
+    for i, variant in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(variant, dict):
+            raise ParamsError(f"'{where}' must be a mapping of {', '.join(PRUNE_VARIANT)}, not {variant!r}")
+        unknown = [k for k in variant if k not in PRUNE_VARIANT]
+        if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), PRUNE_VARIANT, n=1)
+            raise ParamsError(f"unknown key '{where}.{unknown[0]}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                              + f"; a variant may set {', '.join(PRUNE_VARIANT)}")
+        out.append({k: PRUNE_VARIANT[k].check(f"{where}.{k}", v) for k, v in variant.items()})
+    return out
+
+
+PRUNING: dict[str, Field] = {
+    **PRUNE_VARIANT,
+    "variants": Field(list, [], "pruning recipes to run, each a mapping of the keys above (missing keys take the "
+                      "top-level values); empty: the top-level keys are the one recipe", validator=check_prune_variants),
+    "sensitivity_amounts": Field(list, [0.5, 0.7, 0.9], "amounts at which each layer is pruned alone (no fine-tuning) "
+                                 "for the sensitivity analysis on the validation split; empty: skip it",
+                                 validator=_fractions(True, "amounts")),
+    "curve_amounts": Field(list, [0.5, 0.8, 0.9], "amounts at which each method's accuracy right after pruning "
+                           "(no fine-tuning) is measured for the curves", validator=_fractions(False, "amounts")),
+}
+
+
+def _check_pruning(values: dict[str, Any]) -> None:
+    """Resolve `variants` to full recipes (top-level keys fill the gaps) and check what spans keys."""
+    top = {k: values[k] for k in PRUNE_VARIANT}
+    values["variants"] = [{**top, **v} for v in values["variants"]] or [top]
+    for i, v in enumerate(values["variants"]):
+        where = f"variant {i} ({v['method']}, {v['scope']})" if len(values["variants"]) > 1 else "the recipe"
+        if not v["amounts"]:
+            raise ParamsError(f"{where}: 'amounts' must list at least one amount")
+        if v["method"] == "ln_structured" and v["scope"] == "sensitivity":
+            raise ParamsError(f"{where}: scope 'sensitivity' derives per-layer amounts of weights; it works with method 'l1'")
+        if v["method"] == "ln_structured" and v["schedule"] == "iterative":
+            raise ParamsError(f"{where}: the iterative schedule is for method 'l1' (structured pruning here is one-shot)")
+        if v["schedule"] == "iterative" and v["epochs"] < v["steps"]:
+            raise ParamsError(f"{where}: {v['steps']} iterative steps need at least as many epochs, not {v['epochs']}")
+        if v["scope"] == "sensitivity":
+            if not values["sensitivity_amounts"]:
+                raise ParamsError(f"{where}: scope 'sensitivity' needs the sensitivity analysis: set 'sensitivity_amounts'")
+            top_amount = max(values["sensitivity_amounts"])
+            if max(v["amounts"]) > top_amount:
+                raise ParamsError(f"{where}: amount {max(v['amounts'])} exceeds the largest sensitivity amount "
+                                  f"{top_amount}; per-layer amounts are derived only within the measured range")
+
+
 # Checks across keys of one stage, run after each key's own check.
-CROSS_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"svd": _check_svd}
+CROSS_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"svd": _check_svd, "pruning": _check_pruning}
 
 SCHEMAS: dict[str, dict[str, Field]] = {
     "baseline": {**COMMON, **TRAINING, **REPORTING},
     "optuna": {**COMMON, **TRAINING, **REPORTING, **TUNING},
     "quantization": {**STAGE, **FINETUNE, **QUANTIZATION},
     "svd": {**STAGE, **FINETUNE, **SVD},
+    "pruning": {**STAGE, **{k: f for k, f in FINETUNE.items() if k not in PRUNE_VARIANT}, **PRUNING},
     "bench": {
         **COMMON,
         "width": TRAINING["width"],
@@ -349,7 +445,7 @@ def validate(values: Mapping[str, Any], stage: str) -> dict[str, Any]:
 # (which overrides the notebook's cell) and to `load`.
 PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
 DEFAULT_FILES = {"baseline": "baseline.yaml", "optuna": "optuna.yaml", "quantization": "quantization.yaml",
-                 "svd": "svd.yaml", "bench": "bench.yaml"}
+                 "svd": "svd.yaml", "pruning": "pruning.yaml", "bench": "bench.yaml"}
 
 
 def load(path: str | Path, stage: str) -> dict[str, Any]:

@@ -138,3 +138,39 @@ def bars(df: pd.DataFrame, x: str, y: str, title: str, ylabel: str) -> plt.Figur
         ax.bar_label(container, fmt="%.0f", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def lines(df: pd.DataFrame, x: str, y: str, hue: str, title: str, xlabel: str, ylabel: str, style: str | None = None,
+          logx: bool = False, reference: float | None = None, reference_label: str = "") -> plt.Figure:
+    """One line per `hue` value (and dash pattern per `style`), markers at the measured points."""
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    sns.lineplot(data=df.sort_values(x), x=x, y=y, hue=hue, style=style, markers=True, markersize=9, ax=ax)
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle=":", label=reference_label)
+    if logx:
+        ax.set_xscale("log")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def heatmap(df: pd.DataFrame, title: str, xlabel: str, ylabel: str, colorbar: str, fmt: str = ".1f",
+            cmap: str = "rocket_r") -> plt.Figure:
+    """Rows × columns of `df` as coloured, annotated cells (e.g. layer × amount)."""
+    fig, ax = plt.subplots(figsize=(2.2 + 1.1 * len(df.columns), 1.2 + 0.38 * len(df)))
+    sns.heatmap(df, annot=True, fmt=fmt, cmap=cmap, cbar_kws={"label": colorbar}, ax=ax)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    fig.tight_layout()
+    return fig
+
+
+def grouped_bars(df: pd.DataFrame, x: str, y: str, hue: str, title: str, xlabel: str, ylabel: str) -> plt.Figure:
+    """Bars of `y` per `x`, one colour per `hue` (e.g. sparsity per layer, per model)."""
+    fig, ax = plt.subplots(figsize=(16, 5.5))
+    sns.barplot(data=df, x=x, y=y, hue=hue, ax=ax)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.tick_params(axis="x", rotation=60)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9, title=hue)
+    fig.tight_layout()
+    return fig
