@@ -207,10 +207,7 @@ def table(result: Result, speed: dict[str, dict] | None = None) -> pd.DataFrame:
                "test acc. before fine-tuning (%)": r["test_acc_before_finetune"], "test accuracy (%)": r["test_acc"],
                "Δ vs baseline (pt)": r["test_acc"] - base["test_acc"]}
         if speed:
-            s = speed[r["label"]]
-            row |= {f"CPU throughput (img/s, batch {s['batch_size']})": s["throughput_img_s"],
-                    "speed-up (×)": s["throughput_img_s"] / speed[base["label"]]["throughput_img_s"]}
-            row["speed-up ÷ MAC reduction"] = row["speed-up (×)"] / row["MAC reduction (×)"]
+            row |= metrics.speed_columns(speed, r["label"], base["label"], row["MAC reduction (×)"])
         row["training time (s)"] = r["train_time_s"]
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")

@@ -132,6 +132,15 @@ def compare_speed(models: dict[str, nn.Module], batch_size: int = 128, rounds: i
     return out
 
 
+def speed_columns(speed: dict[str, dict], name: str, reference: str, mac_reduction: float) -> dict[str, float]:
+    """Table columns of model `name` from `compare_speed`'s result: throughput, speed-up over `reference`,
+    and how much of its MAC reduction the speed-up realizes."""
+    s = speed[name]
+    up = s["throughput_img_s"] / speed[reference]["throughput_img_s"]
+    return {f"CPU throughput (img/s, batch {s['batch_size']})": s["throughput_img_s"], "speed-up (×)": up,
+            "speed-up ÷ MAC reduction": up / mac_reduction}
+
+
 # ---------------------------------------------------------------- bit widths and the scores
 def _layers(model: nn.Module) -> list[nn.Module]:
     from torch.ao.nn import quantized as nnq

@@ -215,28 +215,29 @@ def check_methods(key: str, value: Any) -> list[str]:
     return list(value)
 
 
-def check_bc_variants(key: str, value: Any) -> list[dict[str, Any]]:
-    """A list of BinaryConnect variants; each a mapping of BC_VARIANT_KEYS (missing keys take the defaults)."""
+def _variants(key: str, value: Any, fields: dict[str, Field]) -> list[dict[str, Any]]:
+    """A list of mappings of `fields`' keys, each value checked like the key itself (missing keys stay missing)."""
     if not isinstance(value, list):
-        raise ParamsError(f"'{key}' must be a list of variants (mappings of {', '.join(BC_VARIANT_KEYS)}), not {value!r}")
+        raise ParamsError(f"'{key}' must be a list of variants (mappings of {', '.join(fields)}), not {value!r}")
     out = []
     for i, variant in enumerate(value):
         where = f"{key}[{i}]"
         if not isinstance(variant, dict):
-            raise ParamsError(f"'{where}' must be a mapping of {', '.join(BC_VARIANT_KEYS)}, not {variant!r}")
-        full = {}
-        for name, field in BC_VARIANT_KEYS.items():
-            if name in variant:
-                full[name] = field.check(f"{where}.{name}", variant[name])
-            elif name not in ("epochs", "lr"):  # these fall back to the stage's recipe
-                full[name] = field.default
-        unknown = [k for k in variant if k not in BC_VARIANT_KEYS]
+            raise ParamsError(f"'{where}' must be a mapping of {', '.join(fields)}, not {variant!r}")
+        unknown = [k for k in variant if k not in fields]
         if unknown:
-            close = difflib.get_close_matches(str(unknown[0]), BC_VARIANT_KEYS, n=1)
+            close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
             raise ParamsError(f"unknown key '{where}.{unknown[0]}'" + (f" (did you mean '{close[0]}'?)" if close else "")
-                              + f"; a variant may set {', '.join(BC_VARIANT_KEYS)}")
-        out.append(full)
+                              + f"; a variant may set {', '.join(fields)}")
+        out.append({k: fields[k].check(f"{where}.{k}", v) for k, v in variant.items()})
     return out
+
+
+def check_bc_variants(key: str, value: Any) -> list[dict[str, Any]]:
+    """A list of BinaryConnect variants; each a mapping of BC_VARIANT_KEYS (missing keys take the defaults,
+    except epochs and lr, which fall back to the stage's recipe)."""
+    return [{**{k: f.default for k, f in BC_VARIANT_KEYS.items() if k not in ("epochs", "lr")}, **v}
+            for v in _variants(key, value, BC_VARIANT_KEYS)]
 
 
 QUANTIZATION: dict[str, Field] = {
@@ -334,20 +335,7 @@ PRUNE_VARIANT: dict[str, Field] = {
 
 def check_prune_variants(key: str, value: Any) -> list[dict[str, Any]]:
     """A list of mappings of PRUNE_VARIANT keys; the keys a variant leaves out take the top-level values."""
-    if not isinstance(value, list):
-        raise ParamsError(f"'{key}' must be a list of variants (mappings of {', '.join(PRUNE_VARIANT)}), not {value!r}")
-    out = []
-    for i, variant in enumerate(value):
-        where = f"{key}[{i}]"
-        if not isinstance(variant, dict):
-            raise ParamsError(f"'{where}' must be a mapping of {', '.join(PRUNE_VARIANT)}, not {variant!r}")
-        unknown = [k for k in variant if k not in PRUNE_VARIANT]
-        if unknown:
-            close = difflib.get_close_matches(str(unknown[0]), PRUNE_VARIANT, n=1)
-            raise ParamsError(f"unknown key '{where}.{unknown[0]}'" + (f" (did you mean '{close[0]}'?)" if close else "")
-                              + f"; a variant may set {', '.join(PRUNE_VARIANT)}")
-        out.append({k: PRUNE_VARIANT[k].check(f"{where}.{k}", v) for k, v in variant.items()})
-    return out
+    return _variants(key, value, PRUNE_VARIANT)
 
 
 PRUNING: dict[str, Field] = {

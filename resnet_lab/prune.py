@@ -434,8 +434,7 @@ class _Stage:
                                   disable=not self.p["progress"]):
                         model = self._prune(k, a)
                         points.append({"amount": a, "test_acc": self.accuracy(model),
-                                       "weight_sparsity": self.describe_sparsity(model),
-                                       "macs": metrics.count_macs(model)["macs"]})
+                                       "weight_sparsity": self.describe_sparsity(model), **metrics.count_macs(model)})
                     run.finish({"points": points})
                 for pt in run.metrics["points"]:
                     rows.append({"family": family({**k, "schedule": "oneshot", "steps": 1, "then": "none"}), **pt})
@@ -514,8 +513,9 @@ class _Stage:
                 unstructured(model, step_target, "global" if v["scope"] == "global" else "layer", layers)
                 if before is None:
                     before = self.accuracy(model)  # the first cut: what the first fine-tuning starts from
-                history += train.fit(model, self.base.dataset, self._finetune_params(v, e, v["lr"]),
-                                     checkpoint=run.path(f"checkpoint_{i}.pt"))
+                step = train.fit(model, self.base.dataset, self._finetune_params(v, e, v["lr"]),
+                                 checkpoint=run.path(f"checkpoint_{i}.pt"))
+                history += [{**r, "epoch": len(history) + r["epoch"], "step": i + 1} for r in step]  # one epoch count
             model = make_permanent(model.to("cpu", memory_format=torch.contiguous_format))
             extra = {"layer_amounts": target if isinstance(target, dict) else None, "step_sparsity": gradual(amount, steps)}
         model = model.to("cpu", memory_format=torch.contiguous_format).eval()
@@ -591,10 +591,7 @@ def table(result: Result, speed: dict[str, dict] | None = None) -> pd.DataFrame:
                "test acc. before fine-tuning (%)": r["test_acc_before_finetune"], "test accuracy (%)": r["test_acc"],
                "Δ vs baseline (pt)": r["test_acc"] - base["test_acc"]}
         if speed:
-            s = speed[r["label"]]
-            row |= {f"CPU throughput (img/s, batch {s['batch_size']})": s["throughput_img_s"],
-                    "speed-up (×)": s["throughput_img_s"] / speed[base["label"]]["throughput_img_s"]}
-            row["speed-up ÷ MAC reduction"] = row["speed-up (×)"] / row["MAC reduction (×, dense)"]
+            row |= metrics.speed_columns(speed, r["label"], base["label"], row["MAC reduction (×, dense)"])
         row |= {"course score": r["score"], "MicroNet score": r["micronet_score"], "fine-tuning time (s)": r["train_time_s"]}
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")
@@ -633,10 +630,11 @@ def curve_table(result: Result) -> pd.DataFrame:
 
     rows = [{**c, "stage": "right after pruning"} for c in result.curves]
     rows += [{"family": r["family"], "amount": r["amount"], "test_acc": r["test_acc"], "weight_sparsity": r["weight_sparsity"],
-              "macs": r["macs"], "stage": "after fine-tuning"} for r in result.rows[1:]]
+              "macs": r["macs"], "sparse_macs": r["sparse_macs"], "stage": "after fine-tuning"} for r in result.rows[1:]]
     df = pd.DataFrame(rows)
     df["weight sparsity (%)"] = 100 * df["weight_sparsity"]
     df["MACs (millions)"] = df["macs"] / 1e6
+    df["sparse MACs (millions)"] = df["sparse_macs"] / 1e6
     return df.rename(columns={"test_acc": "test accuracy (%)", "family": "method"})
 
 

@@ -202,7 +202,8 @@ def test_stage_runs_every_method_then_reuses_them(trained, monkeypatch, tmp_path
     assert table.loc[out.rows[0]["label"], "speed-up vs FP32"] == 1.0
     assert "INT8" in quantize.headline(table) and "BinaryConnect" in quantize.headline(table)
     text = quantize.describe(table, out)
-    assert "**FP16** on this CPU" in text and "**INT8**" in text and "autocast" not in text  # CUDA only
+    assert "**FP16** on this CPU" in text and "**INT8**" in text
+    assert ("under CUDA autocast" in text) == torch.cuda.is_available()  # FP32 weights under autocast: CUDA only
 
     # `make bench` finds every run of this baseline in the store and times it beside the baseline
     bp = params.validate({"baseline": "params/smoke.yaml", "run_root": qp["run_root"], "rounds": 1,
