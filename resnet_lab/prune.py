@@ -377,15 +377,13 @@ class _Stage:
         """Every cost figure of `model` and the score inputs, measured (p_s and p_u against the baseline)."""
         inner = model.model if isinstance(model, quantize.Precision) else model
         params = metrics.count_params(inner)
-        macs = metrics.count_macs(inner)
-        weights = [m.weight for _, m in prunable(inner, True, True)]
-        zeros = sum(int((w == 0).sum()) for w in weights)
-        per_layer = {n: 1 - int(torch.count_nonzero(m.weight)) / self.shapes[n] for n, m in prunable(inner, True, True)}
+        nonzero = self._nonzero_weights(inner)
+        zeros = sum(inner.get_submodule(n).weight.numel() for n in nonzero) - sum(nonzero.values())
         bits = metrics.bit_widths(model)
         p_s, p_u = 1 - params / self.params, zeros / self.params
-        return {"params": params, "nonzero_params": metrics.count_nonzero(inner), **macs, "size_bytes": size_bytes,
-                "per_layer_sparsity": per_layer, "weight_sparsity": 1 - sum(int(torch.count_nonzero(w)) for w in weights) / sum(self.shapes.values()),
-                **bits, "p_s": p_s, "p_u": p_u, "score_w": self.params, "score_f": self.macs,
+        return {"params": params, "nonzero_params": metrics.count_nonzero(inner), **metrics.count_macs(inner),
+                "size_bytes": size_bytes, "per_layer_sparsity": {n: 1 - k / self.shapes[n] for n, k in nonzero.items()},
+                "weight_sparsity": self.weight_sparsity(inner), **bits, "p_s": p_s, "p_u": p_u, "score_w": self.params, "score_f": self.macs,
                 "score": metrics.course_score(p_s, p_u, bits["weight_bits"], bits["act_bits"], self.params, self.macs),
                 **metrics.micronet(model)}
 
@@ -434,14 +432,18 @@ class _Stage:
                                   disable=not self.p["progress"]):
                         model = self._prune(k, a)
                         points.append({"amount": a, "test_acc": self.accuracy(model),
-                                       "weight_sparsity": self.describe_sparsity(model), **metrics.count_macs(model)})
+                                       "weight_sparsity": self.weight_sparsity(model), **metrics.count_macs(model)})
                     run.finish({"points": points})
                 for pt in run.metrics["points"]:
                     rows.append({"family": family({**k, "schedule": "oneshot", "steps": 1, "then": "none"}), **pt})
         return rows
 
-    def describe_sparsity(self, model: nn.Module) -> float:
-        return 1 - sum(int(torch.count_nonzero(m.weight)) for _, m in prunable(model, True, True)) / sum(self.shapes.values())
+    def _nonzero_weights(self, model: nn.Module) -> dict[str, int]:
+        return {n: int(torch.count_nonzero(m.weight)) for n, m in prunable(model, True, True)}
+
+    def weight_sparsity(self, model: nn.Module) -> float:
+        """Share of the baseline's conv and linear weights that are zero or removed in `model`."""
+        return 1 - sum(self._nonzero_weights(model).values()) / sum(self.shapes.values())
 
     # -- pruning
     def _prune(self, v: dict, amount: float, drops: dict | None = None) -> nn.Module:
