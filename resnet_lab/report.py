@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import params as params_mod
-from .runs import PROJECT_ROOT, resolve, write_text
+from .runs import PROJECT_ROOT, file_lock, resolve, write_text
 
 KERNEL = "resnet-lab"
 HEADLINE_KEY = "resnet_lab/headline"
@@ -47,10 +47,17 @@ def plan(profile: str = "default", only: list[str] | None = None) -> list[tuple[
 def build(profile: str = "default", out: str | Path = "reports", only: list[str] | None = None,
           overrides: dict[str, Any] | None = None) -> int:
     """Run and render the notebooks of `profile`; return 0, or 1 naming the notebook and cell that failed."""
-    import papermill as pm
-
     out = resolve(out)
     out.mkdir(parents=True, exist_ok=True)
+    # papermill rewrites the executed notebook as it runs: two builds into one folder take turns
+    # (the second then finds every stage finished in the run store and only re-renders)
+    with file_lock(out / ".report.lock", busy=f"[report] another build is writing {out}; waiting for it to finish"):
+        return _build(profile, out, only, overrides)
+
+
+def _build(profile: str, out: Path, only: list[str] | None, overrides: dict[str, Any] | None) -> int:
+    import papermill as pm
+
     done: list[dict] = []
     failure = None
     for name, params_file in plan(profile, only):

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -98,6 +99,23 @@ def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise RunStoreError(f"checkpoint {path} cannot be loaded safely: {reason}") from None
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, busy: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing); another process asking for it waits.
+    `busy` is printed when the lock is held elsewhere, before waiting."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if busy:
+                print(busy, file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 # ---------------------------------------------------------------- runs
 def run_key(stage: str, values: Mapping[str, Any]) -> str:
     ident = {"stage": stage, "format": STORE_FORMAT, "params": params_mod.identity(values)}
@@ -164,12 +182,8 @@ class Run:
     def lock(self) -> Iterator["Run"]:
         """Exclusive lock on this run: a second process computing the same run waits, then reuses it."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.path(".lock"), "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield self
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with file_lock(self.path(".lock")):
+            yield self
 
 
 class RunStore:
