@@ -1,8 +1,14 @@
 """End to end: the notebook through papermill (the README's command) and `make report`'s pipeline."""
+import base64
+import io
+import re
+import shutil
 import subprocess
+import tempfile
 
 import nbformat
 import pytest
+from PIL import Image
 
 from resnet_lab import report
 
@@ -28,9 +34,17 @@ def test_papermill_command_from_the_repo_root(tmp_path):
     assert any(report.HEADLINE_KEY in o.get("metadata", {}) for o in outputs)
 
 
-def test_report_builds_index_and_html_then_reuses_everything(tmp_path, capsys):
-    out, overrides = tmp_path / "reports", {"run_root": str(tmp_path / "runs"), "progress": False}
+@pytest.fixture(scope="module")
+def smoke_reports(tmp_path_factory):
+    """Every smoke-profile report, built once for this module: (reports folder, overrides)."""
+    root = tmp_path_factory.mktemp("report")
+    out, overrides = root / "reports", {"run_root": str(root / "runs"), "progress": False}
     assert report.build("smoke", out, overrides=overrides) == 0
+    return out, overrides
+
+
+def test_report_builds_index_and_html_then_reuses_everything(smoke_reports):
+    out, overrides = smoke_reports
     index = (out / "index.html").read_text()
     assert "href='01_baseline.html'" in index and "test accuracy" in index
     html = (out / "01_baseline.html").read_text()
@@ -72,3 +86,35 @@ def test_report_fails_naming_the_notebook_and_the_bad_key(tmp_path, capsys):
     assert "01_baseline failed in cell" in err and "ParamsError" in err and "'epohcs'" in err
     assert not (tmp_path / "runs").exists()  # refused before any work
     assert "FAILED" in (tmp_path / "reports" / "index.html").read_text()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (.ci/run installs Debian's chromium)")
+def test_every_report_opens_in_a_browser_with_its_figures_and_no_errors(smoke_reports):
+    out, _ = smoke_reports
+    index = _dom(out / "index.html")
+    pages = re.findall(r"href=\"([0-9]{2}_[a-z]+\.html)\"", index)
+    assert len(pages) == len(report.plan("smoke")), pages  # one link per notebook of the profile
+    for page in pages:
+        dom = _dom(out / page)
+        assert "Traceback" not in dom and "Error</span>" not in dom, page
+        figures = re.findall(r'<img[^>]*src="data:image/png;base64,([^"]+)"', dom)
+        assert figures, f"{page} shows no figure"
+        for i, data in enumerate(figures):
+            image = Image.open(io.BytesIO(base64.b64decode(data))).convert("L")
+            assert min(image.size) > 100, f"{page}: figure {i} is {image.size}"
+            low, high = image.getextrema()
+            assert high - low > 50, f"{page}: figure {i} is blank"
+
+
+def _dom(path):
+    """The page as headless Chromium builds it (the DOM after loading)."""
+    with tempfile.TemporaryDirectory() as profile:
+        r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                            f"--user-data-dir={profile}", "--dump-dom", path.as_uri()],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "<body" in r.stdout, r.stderr[-1000:]
+    return r.stdout
