@@ -309,24 +309,25 @@ def load(run: runs.Run) -> nn.Module:
 
 
 # ---------------------------------------------------------------- the 04_pruning stage
-METHOD_NAMES = {"l1": "L1 unstructured", "ln_structured": "Ln structured"}
+_THEN = {"none": "", "fp16": " → FP16", "bf16": " → BF16", "binaryconnect": " + BinaryConnect"}
+
+
+def _parts(v: dict, amount: float | None) -> list[str]:
+    """The pieces of a model's name; without `amount`, those of its method's curve."""
+    if v["method"] == "l1":
+        parts = ["L1 unstructured", v["scope"]] + ([f"{amount:.0%}"] if amount is not None else [])
+        return parts + ([f"{v['steps']} steps"] if v["schedule"] == "iterative" else [])
+    return [f"L{v['norm']:g} structured", v["scope"]] + ([f"{amount:.0%} of channels"] if amount is not None else [])
 
 
 def label(v: dict, amount: float) -> str:
     """A model's name in tables and plots, e.g. 'L1 unstructured, global, 80%' or '… → FP16'."""
-    if v["method"] == "l1":
-        text = f"L1 unstructured, {v['scope']}, {amount:.0%}"
-        if v["schedule"] == "iterative":
-            text += f", {v['steps']} steps"
-    else:
-        text = f"L{v['norm']:g} structured, {v['scope']}, {amount:.0%} of channels"
-    then = {"none": "", "fp16": " → FP16", "bf16": " → BF16", "binaryconnect": " + BinaryConnect"}[v["then"]]
-    return text + then
+    return ", ".join(_parts(v, amount)) + _THEN[v["then"]]
 
 
 def family(v: dict) -> str:
     """The curve a model belongs to (method and scope, and the step that follows)."""
-    return label(v, 0).replace(", 0%", "").replace(" of channels", "")
+    return ", ".join(_parts(v, None)) + _THEN[v["then"]]
 
 
 @dataclass
@@ -485,12 +486,13 @@ class _Stage:
         name = label(v0, amount)
         run = self.store.run("prune", self._identity(v, amount))
         with run.lock():
+            model = None
             if not (run.done and self.p["reuse"]):
-                self._prune_and_finetune(run, v, amount, name, out.sensitivity)
-            self._collect(run, out)
+                model = self._prune_and_finetune(run, v, amount, name, out.sensitivity)
+            self._collect(run, out, model)
         return run
 
-    def _prune_and_finetune(self, run: runs.Run, v: dict, amount: float, name: str, drops: dict | None) -> None:
+    def _prune_and_finetune(self, run: runs.Run, v: dict, amount: float, name: str, drops: dict | None) -> nn.Module:
         if self.p["progress"]:
             print(f"{name}: pruning and fine-tuning into {run}", flush=True)
         history: list[dict] = []
@@ -518,15 +520,16 @@ class _Stage:
                 step = train.fit(model, self.base.dataset, self._finetune_params(v, e, v["lr"]),
                                  checkpoint=run.path(f"checkpoint_{i}.pt"))
                 history += [{**r, "epoch": len(history) + r["epoch"], "step": i + 1} for r in step]  # one epoch count
-            model = make_permanent(model.to("cpu", memory_format=torch.contiguous_format))
+            model = make_permanent(model)
             extra = {"layer_amounts": target if isinstance(target, dict) else None, "step_sparsity": gradual(amount, steps)}
         model = model.to("cpu", memory_format=torch.contiguous_format).eval()
         arch = {**self.arch, "shapes": models.shapes_of(model)} if v["method"] == "ln_structured" else self.arch
         save(model, run.path("packed.pt"), arch)
-        self._finish(run, v, amount, before, history, extra)
+        return self._finish(run, v, amount, before, history, extra)
 
-    def _finish(self, run: runs.Run, v: dict, amount: float, before: float, history: list[dict], extra: dict) -> None:
-        model = load_file(run.path("packed.pt"))  # measure the saved artifact
+    def _finish(self, run: runs.Run, v: dict, amount: float, before: float, history: list[dict], extra: dict) -> nn.Module:
+        """Measure the saved artifact, record the run as finished; return the artifact's model."""
+        model = load_file(run.path("packed.pt"))
         run.write_json("history.json", history)
         row = {"label": label(v, amount), "family": family(v), "variant": v, "amount": amount, "method": v["method"],
                **self.describe(model, run.path("packed.pt").stat().st_size), "test_acc_before_finetune": before,
@@ -535,13 +538,15 @@ class _Stage:
         run.finish(row)
         for f in run.dir.glob("checkpoint*.pt"):
             f.unlink()
+        return model
 
-    def _collect(self, run: runs.Run, out: Result) -> None:
+    def _collect(self, run: runs.Run, out: Result, model: nn.Module | None = None) -> None:
+        """Add a finished run to the result (`model`: its artifact, when just loaded)."""
         row = run.metrics
         if row["label"] in out.models:  # a pruned model shared by variants that differ in their `then` step
             return
         out.rows.append(row)
-        out.models[row["label"]] = load(run)
+        out.models[row["label"]] = model if model is not None else load(run)
         out.histories[row["label"]] = run.read_json("history.json")
 
     def then(self, v: dict, amount: float, pruned: runs.Run, out: Result) -> None:
@@ -553,6 +558,7 @@ class _Stage:
                       **{k: self.p[k] for k in params_mod.FINETUNE if k not in ("epochs", "lr")}}
         run = self.store.run("prune_then", ident)
         with run.lock():
+            done = None
             if not (run.done and self.p["reuse"]):
                 model = load(pruned)
                 before = pruned.metrics["test_acc"]
@@ -571,8 +577,8 @@ class _Stage:
                                         checkpoint=run.path("checkpoint.pt"), after_step=lambda: quantize.clip_(model))
                     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
                     quantize.save_binary(model, run.path("packed.pt"), self._arch_of(pruned))
-                self._finish(run, v, amount, before, history, {"pruned_run": str(pruned)})
-            self._collect(run, out)
+                done = self._finish(run, v, amount, before, history, {"pruned_run": str(pruned)})
+            self._collect(run, out, done)
 
     def _arch_of(self, pruned: runs.Run) -> dict:
         return packed.load(pruned.path("packed.pt"))[1]
