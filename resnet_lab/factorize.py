@@ -179,7 +179,7 @@ def _one(out: Result, store: runs.RunStore, base: train.BaselineResult, bp: dict
                    "val_acc": _evaluate(model, base.dataset, "val", p, bp["eval_flip"]) if len(base.dataset.val) else None,
                    "test_acc_before_finetune": before, "train_time_s": sum(r["train_time_s"] for r in history),
                    "arch": arch, "factorized": ranks, "skipped": skipped, "artifact": "model.pt", "run": str(run)}
-            row["score"] = metrics.course_score(0.0, 0.0, 32, 32, row["params"], row["macs"])
+            row |= metrics.course_inputs(model)
             run.finish(row)
             run.path("checkpoint.pt").unlink(missing_ok=True)
         row = run.metrics

@@ -21,12 +21,22 @@ from torch import nn
 from . import packed
 
 
+def _stored(model: nn.Module) -> list[torch.Tensor]:
+    """Every learned tensor: the parameters, plus the weights and biases that quantized layers keep packed
+    outside `parameters()`."""
+    tensors = list(model.parameters())
+    for m in _layers(model):
+        if callable(m.weight):  # a quantized conv/linear
+            tensors += [t for t in (m.weight(), m.bias()) if t is not None]
+    return tensors
+
+
 def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return sum(t.numel() for t in _stored(model))
 
 
 def count_nonzero(model: nn.Module) -> int:
-    return sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    return sum(int(torch.count_nonzero(t.dequantize() if t.is_quantized else t)) for t in _stored(model))
 
 
 @torch.no_grad()
@@ -36,10 +46,11 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -
 
     def hook(module, inputs, output):
         positions = output[0].numel() // output.shape[1]  # per image: H_out·W_out (1 for Linear)
-        totals["macs"] += positions * module.weight.numel()
-        totals["sparse_macs"] += positions * int(torch.count_nonzero(module.weight))
+        w = _weight(module)
+        totals["macs"] += positions * w.numel()
+        totals["sparse_macs"] += positions * int(torch.count_nonzero(w.dequantize() if w.is_quantized else w))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in _layers(model)]
     was_training = model.training
     try:
         model.eval()
@@ -202,6 +213,23 @@ SCORE_MACS = 2.8e8
 def course_score(p_s: float, p_u: float, q_w: float, q_a: float, w: int, f: int) -> float:
     """score = [1 − (p_s + p_u)]·(q_w/32)·w/5.6e6 + (1 − p_s)·(max(q_w, q_a)/32)·f/2.8e8 (lower is better)."""
     return (1 - (p_s + p_u)) * (q_w / 32) * w / SCORE_PARAMS + (1 - p_s) * (max(q_w, q_a) / 32) * f / SCORE_MACS
+
+
+def course_inputs(model: nn.Module, pruned_from: nn.Module | None = None) -> dict[str, float]:
+    """The course score with its inputs measured from the model.
+
+    pruned_from: the unpruned model this one was pruned from; p_s is then the share of its parameters
+    removed (channels) and w, f are its counts, as the formula intends. None: the model is scored as its
+    own architecture (quantized, factorized or dense): p_s = 0, w and f its own counts. p_u is the share
+    of w held by zeros in float conv/linear weights (a quantized int8 zero is rounding, not pruning).
+    """
+    params = count_params(model)
+    w, f = (count_params(pruned_from), count_macs(pruned_from)["macs"]) if pruned_from is not None else (params, count_macs(model)["macs"])
+    zeros = sum(int(t.numel() - torch.count_nonzero(t)) for t in map(_weight, _layers(model)) if not t.is_quantized)
+    bits = bit_widths(model)
+    p_s, p_u = 1 - params / w, zeros / w
+    return {**bits, "p_s": p_s, "p_u": p_u, "score_w": w, "score_f": f,
+            "score": course_score(p_s, p_u, bits["weight_bits"], bits["act_bits"], w, f)}
 
 
 def micronet(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> dict[str, float]:

@@ -364,8 +364,6 @@ class _Stage:
         self.store = runs.RunStore(p["run_root"])
         self.model = base.model.eval()
         self.arch = models.arch_of(self.model)
-        self.params = metrics.count_params(self.model)
-        self.macs = metrics.count_macs(self.model)["macs"]
         self.shapes = {n: m.weight.numel() for n, m in prunable(self.model, True, True)}
 
     # -- evaluation and measurement
@@ -377,15 +375,10 @@ class _Stage:
     def describe(self, model: nn.Module, size_bytes: int) -> dict[str, Any]:
         """Every cost figure of `model` and the score inputs, measured (p_s and p_u against the baseline)."""
         inner = model.model if isinstance(model, quantize.Precision) else model
-        params = metrics.count_params(inner)
         nonzero = self._nonzero_weights(inner)
-        zeros = sum(inner.get_submodule(n).weight.numel() for n in nonzero) - sum(nonzero.values())
-        bits = metrics.bit_widths(model)
-        p_s, p_u = 1 - params / self.params, zeros / self.params
-        return {"params": params, "nonzero_params": metrics.count_nonzero(inner), **metrics.count_macs(inner),
+        return {"params": metrics.count_params(inner), "nonzero_params": metrics.count_nonzero(inner), **metrics.count_macs(inner),
                 "size_bytes": size_bytes, "per_layer_sparsity": {n: 1 - k / self.shapes[n] for n, k in nonzero.items()},
-                "weight_sparsity": self.weight_sparsity(inner), **bits, "p_s": p_s, "p_u": p_u, "score_w": self.params, "score_f": self.macs,
-                "score": metrics.course_score(p_s, p_u, bits["weight_bits"], bits["act_bits"], self.params, self.macs),
+                "weight_sparsity": self.weight_sparsity(inner), **metrics.course_inputs(model, pruned_from=self.model),
                 **metrics.micronet(model)}
 
     def baseline_row(self) -> dict[str, Any]:

@@ -286,8 +286,6 @@ class _Stage:
         self.store = runs.RunStore(p["run_root"])
         self.arch = models.arch_of(base.model)
         self.device = train.pick_device(p["device"])
-        self.params = metrics.count_params(base.model)
-        self.macs = metrics.count_macs(base.model)["macs"]
 
     def evaluate(self, model: nn.Module, device: torch.device | str = "cpu") -> dict[str, float]:
         """Test and validation accuracy with the baseline's protocol (eval_flip), float32 input."""
@@ -300,11 +298,9 @@ class _Stage:
 
     def row(self, label: str, method: str, model: nn.Module, acc: dict, artifact: Path, run: runs.Run,
             **extra) -> dict[str, Any]:
-        bits = metrics.bit_widths(model)
-        return {"label": label, "method": method, **bits, **acc, "params": self.params, "macs": self.macs,
-                "size_bytes": artifact.stat().st_size, "artifact": artifact.name, "arch": self.arch,
-                "score": metrics.course_score(0.0, 0.0, bits["weight_bits"], bits["act_bits"], self.params, self.macs),
-                "run": str(run), **extra}
+        return {"label": label, "method": method, **metrics.course_inputs(model), **acc, "params": metrics.count_params(model),
+                "macs": metrics.count_macs(model)["macs"], "size_bytes": artifact.stat().st_size, "artifact": artifact.name,
+                "arch": self.arch, "run": str(run), **extra}
 
     def _stage_run(self, stage: str, values: dict) -> runs.Run:
         return self.store.run(stage, {"baseline": self.base.run.key, "device": self.p["device"],

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_lab import bench, data, metrics, models, params, quantize, runs, train
+from resnet_lab import bench, data, metrics, models, params, prune, quantize, runs, train
 
 from conftest import PARAMS
 
@@ -171,6 +171,13 @@ def test_int8_agrees_with_fp32_and_reloads_identically(trained, tmp_path):
     agree = (train.predict(q, test).argmax(1) == train.predict(result.model, test).argmax(1)).float().mean()
     assert agree >= 0.9
     assert metrics.bit_widths(q) == {"weight_bits": 8.0, "act_bits": 8.0}
+    # its packed weights are counted: the same MACs; BatchNorm folded into one bias per channel
+    channels = sum(m.num_features for m in result.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert metrics.count_macs(q)["macs"] == metrics.count_macs(result.model)["macs"]
+    assert metrics.count_params(q) == metrics.count_params(result.model) - channels
+    inputs = metrics.course_inputs(q)
+    assert inputs["p_u"] == 0 and inputs["p_s"] == 0  # int8 zeros are rounding, not pruning
+    assert metrics.count_nonzero(q) < metrics.count_params(q)  # ... though some weights do round to 0
     path = runs.save_torch(tmp_path / "int8.pt", q.state_dict())
     again = quantize.load_int8(path, models.arch_of(result.model))
     assert torch.equal(train.predict(q, test), train.predict(again, test))
@@ -183,6 +190,26 @@ def test_course_score_of_dense_resnet18_matches_the_course():
     assert bits == {"weight_bits": 32.0, "act_bits": 32.0}
     assert metrics.course_score(0, 0, 32, 32, w, f) == pytest.approx(3.98, abs=0.01)
     assert metrics.course_score(0, 0, 16, 16, w, f) == pytest.approx(1.99, abs=0.01)
+    assert metrics.course_inputs(model)["score"] == pytest.approx(3.98, abs=0.01)
+    assert metrics.course_inputs(quantize.half(model))["score"] == pytest.approx(1.99, abs=0.01)
+
+
+def test_course_inputs_measure_structured_and_unstructured_pruning_against_the_unpruned_model():
+    model = models.resnet18(8)
+    w, f = metrics.count_params(model), metrics.count_macs(model)["macs"]
+    sparse = models.resnet18(8)
+    prune.unstructured(sparse, 0.5, "global")
+    prune.make_permanent(sparse)
+    zeros = sum(int((m.weight == 0).sum()) for m in sparse.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    r = metrics.course_inputs(sparse, pruned_from=model)
+    assert r["p_s"] == 0 and r["p_u"] == pytest.approx(zeros / w) and (r["score_w"], r["score_f"]) == (w, f)
+    assert r["score"] == pytest.approx(metrics.course_score(0, zeros / w, 32, 32, w, f))
+    small, _ = prune.structured(models.resnet18(8), 0.5, scope="layer")
+    r = metrics.course_inputs(small, pruned_from=model)
+    assert r["p_s"] == pytest.approx(1 - metrics.count_params(small) / w) and r["p_u"] == 0
+    # scored as its own architecture instead: its own counts, nothing pruned
+    own = metrics.course_inputs(small)
+    assert (own["p_s"], own["score_w"], own["score_f"]) == (0, metrics.count_params(small), metrics.count_macs(small)["macs"])
 
 
 # ---------------------------------------------------------------- the stage
