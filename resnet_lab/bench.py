@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
-from . import factorize, metrics, models, prune, quantize, runs, train
+from . import metrics, models, runs, summary, train
 
 
 class StockCIFAR(torch.utils.data.Dataset):
@@ -117,11 +117,6 @@ def describe(r: dict) -> str:
 
 
 # ---------------------------------------------------------------- inference of the compressed models
-# stage -> loader of a finished run's inference model
-LOADERS = {**{stage: quantize.load for stage in ("fp16", "bf16", "int8", "binaryconnect")}, "svd": factorize.load,
-           "prune": prune.load, "prune_then": prune.load}
-
-
 def inference(p: dict) -> dict | None:
     """CPU throughput of the baseline of `p['baseline']` and of every finished compressed run made from it,
     measured side by side (interleaved rounds); None when that baseline has not been trained yet."""
@@ -132,8 +127,8 @@ def inference(p: dict) -> dict | None:
         return None
     models_ = {"FP32 (baseline)": base.model.eval()}
     store = runs.RunStore(p["run_root"])
-    for stage, load in LOADERS.items():
-        for run in store.runs(stage):
+    for stage, (_, load) in summary.STAGES.items():
+        for run in store.runs(stage) if stage != "baseline" else []:
             if run.done and run.params.get("baseline") == base.run.key:
                 models_[run.metrics["label"]] = load(run)
     speed = metrics.compare_speed(models_, p["measure_batch_size"], rounds=p["rounds"])
@@ -141,9 +136,8 @@ def inference(p: dict) -> dict | None:
     ref_macs = metrics.count_macs(base.model)["macs"]
     out = {}
     for name, s in speed.items():
-        macs = metrics.count_macs(models_[name])["macs"]  # 0 for int8: its quantized convs are not nn.Conv2d
         out[name] = {**s, "speedup_vs_fp32": s["throughput_img_s"] / ref,
-                     "mac_reduction": ref_macs / macs if macs else None}
+                     "mac_reduction": ref_macs / metrics.count_macs(models_[name])["macs"]}
     return out
 
 
@@ -152,6 +146,6 @@ def describe_inference(r: dict) -> str:
     lines = [f"CPU inference, batch {first['batch_size']}, {first['threads']} threads (median of interleaved rounds)"]
     lines += [f"  {name:<52} {s['throughput_img_s']:8.0f} img/s  {s['latency_ms']:7.1f} ms  {s['speedup_vs_fp32']:5.2f}x FP32"
               + (f"  ({s['mac_reduction']:.2f}x fewer MACs: speed-up / MAC reduction = "
-                 f"{s['speedup_vs_fp32'] / s['mac_reduction']:.2f})" if s["mac_reduction"] and s["mac_reduction"] > 1.001 else "")
+                 f"{s['speedup_vs_fp32'] / s['mac_reduction']:.2f})" if s["mac_reduction"] > 1.001 else "")
               for name, s in r.items()]
     return "\n".join(lines)

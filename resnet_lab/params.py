@@ -373,6 +373,22 @@ def _check_pruning(values: dict[str, Any]) -> None:
                                   f"{top_amount}; per-layer amounts are derived only within the measured range")
 
 
+# 06_summary reads the run store and measures again; it trains nothing and writes no run.
+SUMMARY: dict[str, Field] = {
+    **{k: STAGE[k] for k in ("profile", "baseline", "device", "eval_batch_size", "measure_batch_size", "run_root", "progress")},
+    "latency_batch_size": _f(int, 1, "batch size at which CPU latency is measured (1: one image, as a deployed model "
+                             "answers a request)", low=1),
+    "speed_rounds": _f(int, 3, "rounds of interleaved CPU timing of all models (each keeps its median)", low=1),
+    "speed_repeats": _f(int, 2, "timed batches per model and round at measure_batch_size", low=1),
+    "latency_repeats": _f(int, 10, "timed batches per model and round at latency_batch_size", low=1),
+    "max_drop": _f(float, 2.0, "'best within': the largest test-accuracy loss (points) a model may have against the "
+                   "baseline to compete on cost", low=0.0, high=100.0),
+    "plot_floor_drop": _f(float, 10.0, "Pareto plots leave out (and name) models more than this many points below "
+                          "the baseline, so that one failed model does not squash the others", low=0.0),
+    "target_acc": _f(float, 90.0, "the course target: test accuracy (%) a model must reach to count, judged on full "
+                     "CIFAR-10", low=0.0, high=100.0, low_open=True),
+}
+
 # Checks across keys of one stage, run after each key's own check.
 CROSS_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"svd": _check_svd, "pruning": _check_pruning}
 
@@ -382,6 +398,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "quantization": {**STAGE, **FINETUNE, **QUANTIZATION},
     "svd": {**STAGE, **FINETUNE, **SVD},
     "pruning": {**STAGE, **{k: f for k, f in FINETUNE.items() if k not in PRUNE_VARIANT}, **PRUNING},
+    "summary": SUMMARY,
     "bench": {
         **COMMON,
         "width": TRAINING["width"],
@@ -433,7 +450,7 @@ def validate(values: Mapping[str, Any], stage: str) -> dict[str, Any]:
 # (which overrides the notebook's cell) and to `load`.
 PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
 DEFAULT_FILES = {"baseline": "baseline.yaml", "optuna": "optuna.yaml", "quantization": "quantization.yaml",
-                 "svd": "svd.yaml", "pruning": "pruning.yaml", "bench": "bench.yaml"}
+                 "svd": "svd.yaml", "pruning": "pruning.yaml", "summary": "summary.yaml", "bench": "bench.yaml"}
 
 
 def load(path: str | Path, stage: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
 import pandas as pd
 import seaborn as sns
 import torch
@@ -123,9 +124,72 @@ def tradeoff(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: 
     return fig
 
 
-def show_table(df: pd.DataFrame):
-    """A table for the report: thousands separators, two decimals (a pandas Styler renders as HTML)."""
-    return df.style.format(precision=2, thousands=",")
+def show_table(df: pd.DataFrame, formats: dict | None = None):
+    """A table for the report: thousands separators, two decimals unless `formats` gives a column its own
+    format (a format string such as "{:.4f}" or a function); text columns read left-aligned. A pandas
+    Styler, which renders as HTML."""
+    style = df.style.format(precision=2, thousands=",")
+    for col, fmt in (formats or {}).items():
+        style = style.format(fmt, subset=[col])
+    text = [c for c in df.columns if df[c].dtype == object]
+    return style.set_properties(subset=text, **{"text-align": "left"}) if text else style
+
+
+def number(v: float) -> str:
+    """A figure of any size, readable: thousands separators from 10,000 up, else 4 significant digits."""
+    return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
+
+
+def pareto(df: pd.DataFrame, x: str, y: str, front: pd.Series, hue: str, title: str, xlabel: str, ylabel: str,
+           reference: str | None = None, floor: float | None = None) -> plt.Figure:
+    """Every model as a point (colour and marker: `hue`), the models on the Pareto front joined by a step line
+    and named; dotted lines through the `reference` row (an index label) split the plane into better and
+    worse. The x axis is logarithmic when the costs span more than 10×. Models below `floor` on y are
+    left out of the plot area and named in a note, so that they do not squash the rest."""
+    fig, ax = plt.subplots(figsize=(12, 6.5))
+    shown = df if floor is None else df[df[y] >= floor]
+    sns.scatterplot(data=shown.reset_index(), x=x, y=y, hue=hue, style=hue, s=120, ax=ax, zorder=3)
+    on_front = shown[front.loc[shown.index]].sort_values(x)
+    ax.step(on_front[x], on_front[y], where="post", color="black", linewidth=1.2, linestyle="--", zorder=2,
+            label="Pareto front")
+    if reference is not None:
+        ax.axvline(df.loc[reference, x], color="gray", linestyle=":", linewidth=1.2, label=reference)
+        ax.axhline(df.loc[reference, y], color="gray", linestyle=":", linewidth=1.2)
+    if df[x].max() > 10 * df[x].min():
+        ax.set_xscale("log")
+        xlabel += " (log scale)"
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: number(v)))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    hidden = df.index.difference(shown.index)
+    if len(hidden):
+        ax.text(0.01, 0.01, "below the plot: " + "; ".join(f"{n} ({df.loc[n, y]:.1f})" for n in hidden),
+                transform=ax.transAxes, fontsize=8.5, color="dimgray")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.margins(x=0.15, y=0.1)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=9)
+    fig.tight_layout()
+    _name_points(ax, on_front, x, y)
+    return fig
+
+
+def _name_points(ax: plt.Axes, points: pd.DataFrame, x: str, y: str) -> None:
+    """Write each point's index label beside it, at the first of a few offsets where it overlaps no earlier
+    label and stays inside the axes."""
+    renderer = ax.figure.canvas.get_renderer()
+    inside, taken = ax.get_window_extent(renderer), []
+    offsets = [(8, 6, "left"), (8, -14, "left"), (-8, 6, "right"), (-8, -14, "right"), (8, 18, "left"), (8, -26, "left")]
+    for name, row in points.iterrows():
+        for dx, dy, ha in offsets:
+            label = ax.annotate(name, (row[x], row[y]), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=8.5)
+            box = label.get_window_extent(renderer)
+            fits = inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+            if fits and not any(box.overlaps(other) for other in taken):
+                break
+            label.remove()
+        else:  # nowhere free: the first place
+            label = ax.annotate(name, (row[x], row[y]), textcoords="offset points", xytext=offsets[0][:2], fontsize=8.5)
+            box = label.get_window_extent(renderer)
+        taken.append(box)
 
 
 def bars(df: pd.DataFrame, x: str, y: str, title: str, ylabel: str) -> plt.Figure:

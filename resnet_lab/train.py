@@ -254,13 +254,20 @@ def trained_baseline(params_file: str, p: dict) -> tuple[BaselineResult, dict]:
     return _finished_baseline(run, data_mod.from_params(bp), bp, True), bp
 
 
-def _finished_baseline(run: runs.Run, dataset: data_mod.Dataset, p: dict, reused: bool) -> BaselineResult:
-    model = models.resnet18(p["width"])
+def load_model(run: runs.Run) -> nn.Module:
+    """The trained model of a baseline run (a ResNet18 of the width in its params.yaml)."""
+    width = run.params["width"]
+    model = models.resnet18(width)
     try:
         model.load_state_dict(run.load_weights())
     except RuntimeError as e:  # shapes or keys of another architecture
-        raise runs.RunStoreError(f"{run.path('model.pt')} does not hold a ResNet18 of width {p['width']}: "
+        raise runs.RunStoreError(f"{run.path('model.pt')} does not hold a ResNet18 of width {width}: "
                                  f"{str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def _finished_baseline(run: runs.Run, dataset: data_mod.Dataset, p: dict, reused: bool) -> BaselineResult:
+    model = load_model(run)
     return BaselineResult(run, model, dataset, run.read_json("history.json"), run.metrics,
                           torch.tensor(run.read_json("predictions.json")["test"]), reused)
 

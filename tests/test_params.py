@@ -15,7 +15,8 @@ STAGE_OF = {"bench.yaml": "bench", "optuna.yaml": "optuna", "optuna_full.yaml": 
                                             "fp16.yaml", "int8.yaml", "bc.yaml")},
             **{f: "svd" for f in ("svd.yaml", "svd_energy.yaml", "svd_smoke.yaml", "svd_full.yaml")},
             **{f: "pruning" for f in ("pruning.yaml", "pruning_smoke.yaml", "pruning_full.yaml", "l1.yaml", "l1_global.yaml",
-                                      "ln_structured.yaml", "prune_fp16.yaml", "prune_bc.yaml")}}
+                                      "ln_structured.yaml", "prune_fp16.yaml", "prune_bc.yaml")},
+            **{f: "summary" for f in ("summary.yaml", "summary_smoke.yaml", "summary_full.yaml")}}
 
 
 @pytest.mark.parametrize("path", sorted(p.name for p in PARAMS.glob("*.yaml") if p.name != "report.yaml"))
@@ -75,7 +76,8 @@ def test_from_notebook_catches_papermill_injected_unknown_key():
                                                          ("02_optuna", "optuna.yaml", "optuna"),
                                                          ("03_quantization", "quantization.yaml", "quantization"),
                                                          ("04_pruning", "pruning.yaml", "pruning"),
-                                                         ("05_svd", "svd.yaml", "svd")])
+                                                         ("05_svd", "svd.yaml", "svd"),
+                                                         ("06_summary", "summary.yaml", "summary")])
 def test_notebook_parameters_cell_equals_its_default_params_file(notebook, params_file, stage):
     nb = nbformat.read(ROOT / "notebooks" / f"{notebook}.ipynb", as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))

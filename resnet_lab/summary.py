@@ -1,0 +1,259 @@
+"""06_summary: every run in the store read back, measured again side by side, compared with the baseline.
+
+Nothing is copied from the other reports: each model is rebuilt from its saved file and its test
+accuracy, counts, size on disk, scores and CPU speed are computed here (a stored accuracy that the
+saved model does not reproduce is flagged). A run that cannot be used (unfinished, damaged, made on
+other data) is listed with the reason, never dropped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pandas as pd
+from torch import nn
+
+from . import factorize, metrics, prune, quantize, runs, train
+
+# stage -> (notebook that makes its runs, loader of a finished run's inference model), in report order
+STAGES: dict[str, tuple[str, Callable[[runs.Run], nn.Module]]] = {
+    "baseline": ("01_baseline", train.load_model),
+    **{stage: ("03_quantization", quantize.load) for stage in ("fp16", "bf16", "int8", "binaryconnect")},
+    "prune": ("04_pruning", prune.load), "prune_then": ("04_pruning", prune.load),
+    "svd": ("05_svd", factorize.load),
+}
+# stages whose runs hold no model
+ANALYSES = {"optuna": ("02_optuna", "analysis: an Optuna study (its trials train narrow proxies; the retrained "
+                                    "model is a baseline run)"),
+            "prune_analysis": ("04_pruning", "analysis: sensitivity or accuracy-vs-amount curve (no model)")}
+PRUNED = ("prune", "prune_then")  # scored against the model they were pruned from (the course score's p_s, p_u)
+IN_TABLE = "in the table"
+ACC, DELTA, SIZE, MACS = "test accuracy (%)", "Δ vs baseline (pt)", "size on disk (KB)", "MACs"
+# a recomputed accuracy may differ from the stored one by float rounding on another device, not by more
+ACC_TOLERANCE = 0.25
+
+
+@dataclass
+class Summary:
+    reference: train.BaselineResult
+    latency_col: str
+    throughput_col: str
+    rows: list[dict[str, Any]] = field(default_factory=list)    # one per usable model, recomputed
+    models: dict[str, nn.Module] = field(default_factory=dict)  # model name -> inference model (CPU)
+    runs: list[dict[str, str]] = field(default_factory=list)    # every run folder and what became of it
+
+
+def run(p: dict) -> Summary:
+    """Read every run of `p['run_root']`, rebuild and measure each model made on the data of the reference
+    baseline (`p['baseline']`), then time them all on the CPU side by side."""
+    base, bp = train.trained_baseline(p["baseline"], p)
+    out = Summary(base, f"CPU latency (ms, batch {p['latency_batch_size']})",
+                  f"CPU throughput (img/s, batch {p['measure_batch_size']})")
+    reader = _Reader(p, bp, base, out)
+    order = list(STAGES) + list(ANALYSES)
+    for r in sorted(runs.RunStore(p["run_root"]).runs(),
+                    key=lambda r: (r.key != base.run.key, order.index(r.stage) if r.stage in order else len(order), r.key)):
+        reader.read(r)
+    if p["progress"]:
+        print(f"timing {len(out.models)} models on the CPU, side by side ...", flush=True)
+    speed = metrics.compare_speed(out.models, p["measure_batch_size"], rounds=p["speed_rounds"], repeats=p["speed_repeats"])
+    latency = metrics.compare_speed(out.models, p["latency_batch_size"], rounds=p["speed_rounds"], repeats=p["latency_repeats"])
+    reference_acc = out.rows[0][ACC]
+    for row in out.rows:
+        row[DELTA] = row[ACC] - reference_acc
+        row[out.latency_col] = latency[row["model"]]["latency_ms"]
+        row[out.throughput_col] = speed[row["model"]]["throughput_img_s"]
+    return out
+
+
+class _Reader:
+    def __init__(self, p: dict, bp: dict, base: train.BaselineResult, out: Summary):
+        self.p, self.bp, self.base, self.out = p, bp, base, out
+        self.store = runs.RunStore(p["run_root"])
+        self.baselines: dict[str, nn.Module] = {base.run.key: base.model.eval()}
+
+    def read(self, run: runs.Run) -> None:
+        entry = {"notebook": STAGES.get(run.stage, ANALYSES.get(run.stage, ("?",)))[0], "stage": run.stage,
+                 "run": str(run), "model": "", "status": IN_TABLE}
+        self.out.runs.append(entry)
+        if run.stage in ANALYSES:
+            entry["status"] = ANALYSES[run.stage][1]
+        elif run.stage not in STAGES:
+            entry["status"] = "not read: unknown stage"
+        elif not run.done:
+            entry["status"] = "unfinished: no metrics.json (still running, or interrupted: rerun its notebook to finish it)"
+        else:
+            try:
+                self._add(run, entry)
+            except (runs.RunStoreError, KeyError, TypeError, ValueError, RuntimeError) as e:
+                entry["status"] = f"unusable: {e}"
+
+    def _add(self, run: runs.Run, entry: dict) -> None:
+        stored = run.metrics  # raises on a damaged metrics.json
+        origin = run if run.stage == "baseline" else runs.Run(self.store, "baseline", run.params["baseline"])
+        if not origin.done:
+            raise runs.RunStoreError(f"the baseline it was made from ({origin}) is not in the store")
+        obp = origin.params
+        if not _same_test_set(obp, self.bp):
+            entry["status"] = f"not compared: made on other data ({obp['data']}), so its accuracy is not comparable"
+            return
+        model = STAGES[run.stage][1](run)
+        name = self._name(run, stored)
+        entry["model"] = name
+        device = "cpu" if run.stage == "int8" else train.pick_device(self.p["device"])  # int8 kernels are CPU-only
+        acc = train.evaluate_split(model, self.base.dataset.test, self.p["eval_batch_size"], obp["eval_flip"], device)["acc"]
+        pruned_from = self._baseline(origin) if run.stage in PRUNED else None
+        macs = metrics.count_macs(model)
+        self.out.rows.append({
+            "notebook": STAGES[run.stage][0], "model": name, "recipe": _recipe(run.stage, run.params), ACC: acc,
+            "parameters": metrics.count_params(model), "nonzero parameters": metrics.count_nonzero(model),
+            MACS: macs["macs"], "MACs over nonzero weights": macs["sparse_macs"],
+            SIZE: run.path(stored.get("artifact", "model.pt")).stat().st_size / 1e3,
+            "course score": metrics.course_inputs(model, pruned_from)["score"],
+            "MicroNet score": metrics.micronet(model)["micronet_score"],
+            "stored test accuracy (%)": stored.get("test_acc"), "run": str(run), "stage": run.stage})
+        self.out.models[name] = model
+
+    def _baseline(self, run: runs.Run) -> nn.Module:
+        if run.key not in self.baselines:
+            self.baselines[run.key] = train.load_model(run)
+        return self.baselines[run.key]
+
+    def _name(self, run: runs.Run, stored: dict) -> str:
+        if run.stage == "baseline":
+            name = f"baseline (FP32, width {run.params['width']})"
+            if run.key != self.base.run.key:
+                name = f"other baseline (FP32, width {run.params['width']}, {run.key})"
+        else:
+            name = stored["label"]
+            if run.params["baseline"] != self.base.run.key:
+                name += f", from baseline {run.params['baseline']}"
+        if name in self.out.models:  # the same technique with another recipe
+            name += f" [{run.key}]"
+        return name
+
+
+def _same_test_set(a: dict, b: dict) -> bool:
+    keys = ["data"] + (["synthetic_train", "synthetic_test", "seed"] if a["data"] == "synthetic" else [])
+    return all(a[k] == b[k] for k in keys)
+
+
+def _recipe(stage: str, p: dict) -> str:
+    """How the model was trained or made, in a few words."""
+    if "epochs" in p:
+        return f"{p['epochs']} epochs, {p['optimizer']} lr {p['lr']:g}"
+    if stage == "int8":
+        return f"calibrated on {p['calibration_images']} images"
+    return "converted, no training"
+
+
+# ---------------------------------------------------------------- the tables
+def table(s: Summary) -> pd.DataFrame:
+    """The side-by-side table: one row per model, in the order of the notebooks that made them."""
+    cols = ["notebook", "recipe", ACC, DELTA, "parameters", "nonzero parameters", MACS, SIZE, s.latency_col,
+            s.throughput_col, "course score", "MicroNet score"]
+    df = pd.DataFrame(s.rows).set_index("model")
+    return df.sort_values("notebook", kind="stable")[cols]
+
+
+def runs_table(s: Summary) -> pd.DataFrame:
+    """Every run folder of the store and what the summary made of it."""
+    return pd.DataFrame(s.runs, columns=["notebook", "stage", "run", "model", "status"])
+
+
+def unusable(s: Summary) -> list[dict[str, str]]:
+    return [e for e in s.runs if e["status"].startswith(("unfinished", "unusable", "not read"))]
+
+
+def mismatches(s: Summary) -> list[str]:
+    """Models whose saved file does not reproduce the accuracy their run stored."""
+    return [f"{r['model']}: stored {r['stored test accuracy (%)']:.2f}%, recomputed {r[ACC]:.2f}% ({r['run']})"
+            for r in s.rows if r["stored test accuracy (%)"] is not None
+            and abs(r["stored test accuracy (%)"] - r[ACC]) > ACC_TOLERANCE]
+
+
+def pareto(df: pd.DataFrame, cost: str, higher_is_better: bool = False) -> pd.Series:
+    """True for each model no other model beats: another as accurate or more, at a cost as low or lower
+    (as high or higher for a `higher_is_better` measure), better in one of the two."""
+    c = -df[cost] if higher_is_better else df[cost]
+    a = df[ACC]
+    return pd.Series([not ((c <= ci) & (a >= ai) & ((c < ci) | (a > ai))).any() for ci, ai in zip(c, a)], index=df.index)
+
+
+def criteria(s: Summary) -> dict[str, tuple[str, bool]]:
+    """criterion -> (column, whether higher is better)."""
+    return {"test accuracy": (ACC, True), "size on disk": (SIZE, False), "MACs": (MACS, False),
+            "CPU latency": (s.latency_col, False), "CPU throughput": (s.throughput_col, True),
+            "course score": ("course score", False), "MicroNet score": ("MicroNet score", False)}
+
+
+def best(s: Summary, df: pd.DataFrame, max_drop: float) -> pd.DataFrame:
+    """The best model per criterion: over all models, and over those at most `max_drop` points below the baseline."""
+    close = df[df[DELTA] >= -max_drop]
+    within = f"≤ {max_drop:g} pt below the baseline"
+    rows = {}
+    for name, (col, higher) in criteria(s).items():
+        row = {}
+        for group, pool in (("any accuracy", df), (within, close)):
+            winner = pool[col].idxmax() if higher else pool[col].idxmin()
+            row |= {(group, "model"): winner, (group, "value"): pool.loc[winner, col], (group, ACC): pool.loc[winner, ACC]}
+        rows[f"{name} ({col.split('(', 1)[1].rstrip(')')})" if "(" in col else name] = row
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.columns = pd.MultiIndex.from_tuples(out.columns)
+    return out
+
+
+def beats_baseline(s: Summary, df: pd.DataFrame) -> pd.DataFrame:
+    """Per compression notebook: how many of its models are smaller or faster than the baseline, and the best."""
+    ref = df.iloc[0]
+    rows = {}
+    for notebook in ("03_quantization", "04_pruning", "05_svd"):
+        mine = df[df["notebook"] == notebook]
+        smaller = mine[mine[SIZE] < ref[SIZE]]
+        faster = mine[mine[s.latency_col] < ref[s.latency_col]]
+        more = mine[mine[s.throughput_col] > ref[s.throughput_col]]
+        rows[notebook] = {
+            "models": len(mine),
+            "smaller": len(smaller), "smallest": _best_of(smaller, SIZE, "{:,.0f} KB", ref[SIZE], "smaller"),
+            "lower latency": len(faster),
+            "lowest latency": _best_of(faster, s.latency_col, "{:.2f} ms", ref[s.latency_col], "faster"),
+            "higher throughput": len(more),
+            "highest throughput": _best_of(more, s.throughput_col, "{:,.0f} img/s", ref[s.throughput_col], "more", higher=True)}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def _best_of(pool: pd.DataFrame, col: str, fmt: str, ref: float, word: str, higher: bool = False) -> str:
+    if pool.empty:
+        return "none"
+    name = pool[col].idxmax() if higher else pool[col].idxmin()
+    ratio = pool.loc[name, col] / ref if higher else ref / pool.loc[name, col]
+    return f"{name}: {fmt.format(pool.loc[name, col])} ({ratio:.2f}× {word}, {pool.loc[name, DELTA]:+.2f} pt)"
+
+
+def course_target(s: Summary, df: pd.DataFrame, target: float) -> str:
+    """Whether the course target (≥ target % test accuracy at the lowest course score) is met, and by which model."""
+    data = s.reference.dataset
+    if data.source != "cifar10":
+        top = df[ACC].idxmax()
+        return (f"The course target (≥ {target:g}% test accuracy, then the lowest course score) is judged on the full "
+                f"CIFAR-10 test set (the full profile: `make report PROFILE=full`). These runs use {data.describe()}, "
+                f"so it is not judged here; the most accurate model on this data is {top} ({df.loc[top, ACC]:.2f}%).")
+    ok = df[df[ACC] >= target]
+    if ok.empty:
+        top = df[ACC].idxmax()
+        return (f"**Not met**: no model reaches {target:g}% on the CIFAR-10 test set; the most accurate is {top} "
+                f"({df.loc[top, ACC]:.2f}%).")
+    winner = ok["course score"].idxmin()
+    return (f"**Met by {winner}**: {df.loc[winner, ACC]:.2f}% test accuracy at course score "
+            f"**{df.loc[winner, 'course score']:.4f}**, the lowest of the {len(ok)} models at ≥ {target:g}% "
+            f"(the FP32 baseline: {df.iloc[0][ACC]:.2f}%, score {df.iloc[0]['course score']:.4f}).")
+
+
+def headline(s: Summary, df: pd.DataFrame, max_drop: float) -> str:
+    close = df[df[DELTA] >= -max_drop]
+    small, score = close[SIZE].idxmin(), close["course score"].idxmin()
+    bad = unusable(s)
+    return (f"{len(df)} models re-measured side by side; within {max_drop:g} pt of the baseline "
+            f"({df.iloc[0][ACC]:.1f}%): smallest {small} ({df.loc[small, SIZE]:,.0f} KB, "
+            f"{df.iloc[0][SIZE] / df.loc[small, SIZE]:.1f}× smaller), lowest course score {score} "
+            f"({df.loc[score, 'course score']:.3f})" + (f"; {len(bad)} unusable runs listed" if bad else ""))

@@ -1,0 +1,194 @@
+"""06_summary's aggregation: every run read back and measured again; damaged runs listed; fronts and best picks."""
+import json
+import shutil
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import yaml
+
+from resnet_lab import factorize, params, prune, quantize, runs, summary, train
+
+from conftest import PARAMS
+
+
+def _stage_params(file, stage, root, **changes):
+    p = params.load(PARAMS / file, stage)
+    p.update(run_root=str(root), progress=False, **changes)
+    return params.validate(p, stage)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A smoke baseline and one run of each kind of model, made by the stages themselves."""
+    root = tmp_path_factory.mktemp("store") / "runs"
+    bp = params.load(PARAMS / "smoke.yaml", "baseline")
+    bp.update(run_root=str(root), progress=False)
+    train.baseline(bp)
+    quantize.run(_stage_params("quantization_smoke.yaml", "quantization", root, methods=["fp16", "int8"]))
+    prune.run(_stage_params("pruning_smoke.yaml", "pruning", root, epochs=1, sensitivity_amounts=[], curve_amounts=[],
+                            variants=[{"method": "l1", "scope": "global"}, {"method": "ln_structured", "scope": "layer"}]))
+    factorize.run(_stage_params("svd_smoke.yaml", "svd", root, ranks=[0.5], scratch_ranks=[], epochs=1))
+    return root
+
+
+def _summarize(root, **changes):
+    p = params.load(PARAMS / "summary_smoke.yaml", "summary")
+    p.update(run_root=str(root), progress=False, **changes)
+    return summary.run(params.validate(p, "summary"))
+
+
+def test_every_model_is_rebuilt_and_measured_again_matching_what_its_stage_stored(store):
+    s = _summarize(store)
+    df = summary.table(s)
+    assert list(df["notebook"]) == ["01_baseline", "03_quantization", "03_quantization", "04_pruning", "04_pruning", "05_svd"]
+    assert df.index[0] == "baseline (FP32, width 8)" and df.iloc[0][summary.DELTA] == 0
+    for column in ("recipe", summary.ACC, summary.DELTA, "parameters", "nonzero parameters", summary.MACS, summary.SIZE,
+                   s.latency_col, s.throughput_col, "course score", "MicroNet score"):
+        assert df[column].notna().all(), column
+    assert (df[s.latency_col] > 0).all() and (df[s.throughput_col] > 0).all()
+    for row in s.rows:
+        run = runs.Run(runs.RunStore(store), row["stage"], row["run"].rsplit("/", 1)[1])
+        stored = run.metrics
+        assert row[summary.ACC] == pytest.approx(stored["test_acc"], abs=1e-6), row["model"]  # the saved file reproduces it
+        assert row[summary.SIZE] * 1e3 == run.path(stored.get("artifact", "model.pt")).stat().st_size
+        if "score" in stored:  # the stages and the summary score a model by one rule
+            assert row["course score"] == pytest.approx(stored["score"], rel=1e-9), row["model"]
+        if "micronet_score" in stored:
+            assert row["MicroNet score"] == pytest.approx(stored["micronet_score"], rel=1e-9), row["model"]
+        for key, column in (("params", "parameters"), ("nonzero_params", "nonzero parameters"), ("macs", summary.MACS)):
+            if key in stored:
+                assert row[column] == stored[key], (row["model"], key)
+    sparse = df.loc["L1 unstructured, global, 50%"]
+    assert sparse["nonzero parameters"] < 0.6 * sparse["parameters"] and sparse[summary.SIZE] < df.iloc[0][summary.SIZE]
+    assert df.loc["L1 structured, layer, 50% of channels", summary.MACS] < 0.5 * df.iloc[0][summary.MACS]
+    assert not summary.mismatches(s) and not summary.unusable(s)
+    in_table = [e for e in s.runs if e["status"] == summary.IN_TABLE]
+    assert sorted(e["model"] for e in in_table) == sorted(df.index)
+    others = [e for e in s.runs if e["status"] != summary.IN_TABLE]  # the pruning curves: analyses, listed
+    assert others and all(e["stage"] == "prune_analysis" and e["status"].startswith("analysis") for e in others)
+
+
+def test_damaged_unfinished_and_foreign_runs_are_listed_not_dropped(store, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(store, root)
+    st = runs.RunStore(root)
+    fp16, int8 = st.runs("fp16")[0], st.runs("int8")[0]
+    [svd] = st.runs("svd")
+    fp16.path("metrics.json").write_text("{ not json")                      # corrupt metrics
+    int8.path("metrics.json").unlink()                                     # interrupted before it finished
+    svd.path("model.pt").write_bytes(svd.path("model.pt").read_bytes()[:100])  # damaged weights
+    [structured] = [r for r in st.runs("prune") if r.metrics["method"] == "ln_structured"]
+    m = structured.metrics
+    structured.write_json("metrics.json", {**m, "test_acc": m["test_acc"] + 5})  # a stored figure its model does not give
+    # a run made from a baseline that is gone, and a baseline trained on other data
+    [base] = st.runs("baseline")
+    orphan = root / "prune" / "0rphan000000"
+    shutil.copytree(st.runs("prune")[0].dir, orphan)
+    p = yaml.safe_load((orphan / "params.yaml").read_text())
+    (orphan / "params.yaml").write_text(yaml.safe_dump({**p, "baseline": "gone00000000"}))
+    other = root / "baseline" / "0ther0000000"
+    shutil.copytree(base.dir, other)
+    bp = yaml.safe_load((other / "params.yaml").read_text())
+    (other / "params.yaml").write_text(yaml.safe_dump({**bp, "seed": bp["seed"] + 1}))  # other synthetic images
+    (root / "mystery" / "abc").mkdir(parents=True)
+
+    s = _summarize(root)
+    status = {e["run"].split("runs/", 1)[1]: e["status"] for e in s.runs}
+    assert status[f"fp16/{fp16.key}"].startswith("unusable") and "not valid JSON" in status[f"fp16/{fp16.key}"]
+    assert status[f"int8/{int8.key}"].startswith("unfinished")
+    assert status[f"svd/{svd.key}"].startswith("unusable") and "model.pt" in status[f"svd/{svd.key}"]
+    assert status["prune/0rphan000000"].startswith("unusable") and "gone00000000" in status["prune/0rphan000000"]
+    assert status["baseline/0ther0000000"].startswith("not compared: made on other data")
+    assert status["mystery/abc"].startswith("not read")
+    assert len(summary.unusable(s)) == 5
+    [wrong] = summary.mismatches(s)
+    assert wrong.startswith("L1 structured, layer, 50% of channels: stored")
+    df = summary.table(s)  # the usable models are all still there
+    assert set(df.index) == {"baseline (FP32, width 8)", "L1 unstructured, global, 50%", "L1 structured, layer, 50% of channels"}
+    assert "unusable runs listed" in summary.headline(s, df, 2.0)
+
+
+def _frame():
+    """Hand-made models: the baseline first; costs and accuracies chosen so the fronts are known."""
+    rows = {"base": ("01_baseline", 73.0, 1000, 100, 2.0, 500, 0.25),
+            "q_small": ("03_quantization", 73.2, 250, 100, 1.5, 900, 0.06),
+            "q_slow": ("03_quantization", 73.0, 500, 100, 8.0, 60, 0.12),
+            "p_fast": ("04_pruning", 72.0, 600, 40, 1.0, 1000, 0.05),
+            "p_bad": ("04_pruning", 60.0, 100, 40, 1.0, 1000, 0.04),
+            "s_mid": ("05_svd", 72.5, 400, 60, 2.5, 700, 0.10),
+            "s_tie": ("05_svd", 72.5, 400, 60, 2.5, 700, 0.10)}
+    df = pd.DataFrame.from_dict(rows, orient="index", columns=["notebook", summary.ACC, summary.SIZE, summary.MACS, "lat",
+                                                                "thr", "course score"])
+    df[summary.DELTA] = df[summary.ACC] - 73.0
+    df["MicroNet score"] = df["course score"]
+    return SimpleNamespace(latency_col="lat", throughput_col="thr"), df
+
+
+def test_pareto_fronts_keep_exactly_the_models_nothing_beats():
+    s, df = _frame()
+    assert set(df.index[summary.pareto(df, summary.SIZE)]) == {"q_small", "p_bad"}
+    assert set(df.index[summary.pareto(df, summary.MACS)]) == {"p_fast", "s_mid", "s_tie", "q_small"}  # equal ones both stay
+    assert set(df.index[summary.pareto(df, "lat")]) == {"q_small", "p_fast"}  # p_bad: as fast, less accurate
+    assert set(df.index[summary.pareto(df, "thr", higher_is_better=True)]) == {"q_small", "p_fast"}
+    front = summary.pareto(df, "course score")
+    assert front["p_bad"] and front["q_small"] and not front["base"] and not front["s_tie"]
+
+
+def test_best_per_criterion_over_all_and_within_the_allowed_drop():
+    s, df = _frame()
+    b = summary.best(s, df, max_drop=2.0)
+    within = "≤ 2 pt below the baseline"
+    assert b.loc["size on disk (KB)", ("any accuracy", "model")] == "p_bad"
+    assert b.loc["size on disk (KB)", (within, "model")] == "q_small"
+    assert b.loc["course score", (within, "model")] == "p_fast"
+    assert b.loc["test accuracy (%)", ("any accuracy", "model")] == "q_small"
+    assert b.loc["CPU latency", (within, "model")] == "p_fast" and b.loc["CPU throughput", (within, "value")] == 1000
+
+
+def test_each_notebook_is_checked_for_a_model_that_beats_the_baseline():
+    s, df = _frame()
+    beats = summary.beats_baseline(s, df)
+    assert beats.loc["03_quantization", "smaller"] == 2 and beats.loc["03_quantization", "lower latency"] == 1
+    assert beats.loc["03_quantization", "smallest"].startswith("q_small: 250 KB (4.00× smaller, +0.20 pt)")
+    assert beats.loc["04_pruning", "lower latency"] == 2 and beats.loc["05_svd", "lower latency"] == 0
+    assert beats.loc["05_svd", "lowest latency"] == "none" and beats.loc["05_svd", "smaller"] == 2
+
+
+@pytest.mark.parametrize("source, accuracies, expect", [
+    ("cifar10", {"q_small": 91.0, "p_fast": 90.5, "base": 92.0}, "**Met by p_fast**"),  # lowest score at ≥ 90%
+    ("cifar10", {}, "**Not met**: no model reaches 90%"),
+    ("mini", {"q_small": 95.0}, "not judged here"),
+])
+def test_course_target_names_the_lowest_score_at_the_target_accuracy(source, accuracies, expect):
+    s, df = _frame()
+    for name, acc in accuracies.items():
+        df.loc[name, summary.ACC] = acc
+    s.reference = SimpleNamespace(dataset=SimpleNamespace(source=source, describe=lambda: f"{source} data"))
+    assert expect in summary.course_target(s, df, 90.0)
+
+
+def test_summary_params_are_checked(tmp_path):
+    with pytest.raises(params.ParamsError, match="'max_drop'"):
+        params.validate({"max_drop": -1.0}, "summary")
+    with pytest.raises(params.ParamsError, match="unknown parameter 'epochs'"):
+        params.validate({"epochs": 3}, "summary")
+
+
+def test_summary_without_a_baseline_names_the_command(tmp_path):
+    with pytest.raises(train.UpstreamMissing, match="papermill notebooks/01_baseline.ipynb"):
+        _summarize(tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()
+
+
+def test_summary_writes_nothing_to_the_store(store):
+    before = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+    _summarize(store)
+    after = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_stored_metrics_are_json(store):
+    for run in runs.RunStore(store).runs():
+        if run.done:
+            json.loads(run.path("metrics.json").read_text())
