@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Which params files `make report` uses (columns of params/report.yaml): default | full | smoke
 PROFILE ?= default
+# `make report FORCE=1` executes every notebook, even those whose report is up to date
+FORCE ?=
 
 .PHONY: setup test report bench lab clean
 
@@ -20,7 +22,7 @@ test: setup
 	$(PY) -m pytest
 
 report: setup
-	$(PY) -m resnet_lab report --profile $(PROFILE)
+	$(PY) -m resnet_lab report --profile $(PROFILE) $(if $(FORCE),--force)
 
 bench: setup
 	$(PY) -m resnet_lab bench
@@ -29,4 +31,4 @@ lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
 clean:
-	rm -f reports/*.html reports/*.ipynb reports/*.json
+	rm -f reports/*.html reports/*.ipynb reports/*.json reports/.build.json

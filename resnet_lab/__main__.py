@@ -3,7 +3,7 @@
     python -m resnet_lab check params/baseline.yaml          validate a params file
     python -m resnet_lab train params/baseline.yaml          train (or reuse) the baseline run
     python -m resnet_lab tune params/optuna.yaml             run (resume, or join) the Optuna study
-    python -m resnet_lab report [--profile smoke]            run and render every notebook
+    python -m resnet_lab report [--profile smoke] [--force]  run and render every notebook not up to date
     python -m resnet_lab bench [params/bench.yaml]           training-throughput benchmark
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--profile", default="default")
     r.add_argument("--out", default="reports")
     r.add_argument("--only", nargs="*", help="notebook names to run (default: all of the profile)")
+    r.add_argument("--force", action="store_true", help="execute every notebook, even those whose report is up to date")
     b = sub.add_parser("bench", help="training throughput: pipeline vs compute limit vs stock DataLoader")
     b.add_argument("file", nargs="?", default=str(PROJECT_ROOT / "params" / "bench.yaml"))
     b.add_argument("--json", default="reports/bench.json", help="where to write the figures")
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd == "report":
             from . import report
 
-            return report.build(a.profile, a.out, a.only)
+            return report.build(a.profile, a.out, a.only, force=a.force)
         elif a.cmd == "bench":
             from . import bench
 

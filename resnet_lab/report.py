@@ -1,11 +1,18 @@
 """`make report`: run every notebook with papermill, render each to HTML, link them from an index.
 
-Which notebooks run, in which order, with which params file per profile, is the table in
-params/report.yaml (one line per notebook).
+Which notebooks run, in which order, with which params file per profile, and which stages of the
+run store each one reads, is the table in params/report.yaml (one line per notebook).
+
+A notebook whose report is up to date is not executed again: up to date means its notebook file,
+its parameter values and the resnet_lab source are what they were when it last ran, and the run
+store folders of the stages it reads hold the same files (names, sizes, modification times) as at
+the end of that build. `--force` executes every notebook anyway (finished runs are still reused).
 """
 from __future__ import annotations
 
+import hashlib
 import html
+import json
 import sys
 import time
 from datetime import datetime
@@ -13,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from . import params as params_mod
-from .runs import PROJECT_ROOT, file_lock, resolve, write_text
+from .runs import PROJECT_ROOT, file_lock, read_json, resolve, write_json, write_text
 
 KERNEL = "resnet-lab"
 HEADLINE_KEY = "resnet_lab/headline"
 PLAN_FILE = PROJECT_ROOT / "params" / "report.yaml"
+STAMPS = ".build.json"  # in the reports folder: what each report was built from
+READS = "reads"  # the key of a plan line naming the run-store stages the notebook reads ("*": all)
 
 
 def headline(text: str) -> None:
@@ -34,8 +43,8 @@ def plan(profile: str = "default", only: list[str] | None = None) -> list[tuple[
     for name, by_profile in table.items():
         if only and name not in only:
             continue
-        if not isinstance(by_profile, dict) or profile not in by_profile:
-            known = sorted({p for v in table.values() if isinstance(v, dict) for p in v})
+        if not isinstance(by_profile, dict) or profile not in by_profile or profile == READS:
+            known = sorted({p for v in table.values() if isinstance(v, dict) for p in v} - {READS})
             raise params_mod.ParamsError(f"{PLAN_FILE}: notebook {name} has no params file for profile "
                                          f"'{profile}'; profiles: {', '.join(known)}")
         steps.append((name, PROJECT_ROOT / "params" / by_profile[profile]))
@@ -44,26 +53,77 @@ def plan(profile: str = "default", only: list[str] | None = None) -> list[tuple[
     return steps
 
 
+def reads(name: str) -> list[str]:
+    """The run-store stages notebook `name` reads (["*"]: every stage)."""
+    stages = params_mod.read_yaml(PLAN_FILE).get(name, {}).get(READS)
+    if not isinstance(stages, list) or not stages:
+        raise params_mod.ParamsError(f"{PLAN_FILE}: notebook {name} must list the run-store stages it reads under '{READS}'")
+    return stages
+
+
+def inputs_digest(name: str, values: dict[str, Any]) -> str:
+    """What a report is computed from, besides the run store: its notebook, its parameters, the module's code."""
+    h = hashlib.sha256((PROJECT_ROOT / "notebooks" / f"{name}.ipynb").read_bytes())
+    h.update(json.dumps(values, sort_keys=True, default=str).encode())
+    for source in sorted((PROJECT_ROOT / "resnet_lab").glob("*.py")):
+        h.update(source.name.encode() + source.read_bytes())
+    return h.hexdigest()
+
+
+def store_digest(run_root: str | Path, stages: list[str]) -> str:
+    """The state of the run-store folders of `stages`: every file's path, size and modification time (lock and
+    temporary files, whose names start with a dot, left out)."""
+    root = resolve(run_root)
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if "*" in stages and root.is_dir() else [root / s for s in stages]
+    h = hashlib.sha256()
+    for folder in folders:
+        for f in sorted(folder.rglob("*")) if folder.is_dir() else []:
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts):
+                st = f.stat()
+                h.update(f"{f.relative_to(root)} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def build(profile: str = "default", out: str | Path = "reports", only: list[str] | None = None,
-          overrides: dict[str, Any] | None = None) -> int:
-    """Run and render the notebooks of `profile`; return 0, or 1 naming the notebook and cell that failed."""
+          overrides: dict[str, Any] | None = None, force: bool = False) -> int:
+    """Run and render the notebooks of `profile` whose reports are not up to date (all with `force`);
+    return 0, or 1 naming the notebook and cell that failed."""
     out = resolve(out)
     out.mkdir(parents=True, exist_ok=True)
     # papermill rewrites the executed notebook as it runs: two builds into one folder take turns
-    # (the second then finds every stage finished in the run store and only re-renders)
+    # (the second then finds the reports up to date)
     with file_lock(out / ".report.lock", busy=f"[report] another build is writing {out}; waiting for it to finish"):
-        return _build(profile, out, only, overrides)
+        return _build(profile, out, only, overrides, force)
 
 
-def _build(profile: str, out: Path, only: list[str] | None, overrides: dict[str, Any] | None) -> int:
+def _read_stamps(out: Path) -> dict[str, dict]:
+    try:
+        stamps = read_json(out / STAMPS)
+    except Exception:  # missing or damaged: every report counts as out of date
+        return {}
+    return stamps if isinstance(stamps, dict) else {}
+
+
+def _build(profile: str, out: Path, only: list[str] | None, overrides: dict[str, Any] | None, force: bool) -> int:
     import papermill as pm
 
+    stamps = _read_stamps(out)
     done: list[dict] = []
     failure = None
     for name, params_file in plan(profile, only):
         values = {**params_mod.read_yaml(params_file), **(overrides or {})}
-        executed = out / f"{name}.ipynb"
+        executed, page = out / f"{name}.ipynb", out / f"{name}.html"
+        inputs, run_root = inputs_digest(name, values), values.get("run_root", "runs")
+        stamp = stamps.get(name, {})
+        entry = {"name": name, "params": params_file.name, "failed": False, "inputs": inputs, "run_root": str(run_root)}
+        if (not force and stamp.get("inputs") == inputs and executed.is_file() and page.is_file()
+                and stamp.get("store") == store_digest(run_root, reads(name))):
+            print(f"[report] {name}: up to date (built in {stamp.get('seconds', 0):.0f} s; --force runs it again)", flush=True)
+            done.append({**entry, "seconds": 0.0, "built_in": stamp.get("seconds"), "skipped": True,
+                         "headline": read_headline(executed)})
+            continue
         print(f"[report] {name} with {params_file.relative_to(PROJECT_ROOT)}", flush=True)
+        stamps.pop(name, None)
         t0 = time.perf_counter()
         try:
             pm.execute_notebook(PROJECT_ROOT / "notebooks" / f"{name}.ipynb", executed, parameters=values,
@@ -72,13 +132,20 @@ def _build(profile: str, out: Path, only: list[str] | None, overrides: dict[str,
             failure = f"{name} failed in cell [{e.exec_count}]: {e.ename}: {e.evalue}"
         seconds = time.perf_counter() - t0
         if executed.is_file():
-            render_html(executed, out / f"{name}.html")
-        done.append({"name": name, "params": params_file.name, "seconds": seconds,
-                     "headline": read_headline(executed) if executed.is_file() else None, "failed": bool(failure)})
+            render_html(executed, page)
+        done.append({**entry, "seconds": seconds, "built_in": seconds, "skipped": False, "failed": bool(failure),
+                     "headline": read_headline(executed) if executed.is_file() else None})
         if failure:
             break
+    # every report built or checked now is stamped with the store as this build leaves it
+    for d in done:
+        if not d["failed"]:
+            stamps[d["name"]] = {"inputs": d["inputs"], "store": store_digest(d["run_root"], reads(d["name"])),
+                                 "seconds": d["built_in"]}
+    write_json(out / STAMPS, stamps)
     write_index(out / "index.html", _with_earlier_reports(done, profile, out), profile)
-    print("[report] wall time: " + ", ".join(f"{d['name']} {d['seconds']:.0f} s" for d in done)
+    print("[report] wall time: " + ", ".join(f"{d['name']} {d['seconds']:.0f} s" + (" (up to date)" if d["skipped"] else "")
+                                             for d in done)
           + f"; total {sum(d['seconds'] for d in done):.0f} s", flush=True)
     if failure:
         print(f"[report] FAILED: {failure}. The executed notebook, with the error, is {out / (done[-1]['name'] + '.html')}",
@@ -140,6 +207,8 @@ def read_headline(notebook: Path) -> str | None:
 
 
 def _took(entry: dict) -> str:
+    if entry.get("skipped"):
+        return "up to date" + (f" (built in {entry['built_in']:.0f} s)" if entry.get("built_in") is not None else "")
     return "earlier run" if entry["seconds"] is None else f"{entry['seconds']:.0f} s"
 
 

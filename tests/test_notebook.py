@@ -1,10 +1,12 @@
 """End to end: the notebook through papermill (the README's command) and `make report`'s pipeline."""
 import base64
 import io
+import os
 import re
 import shutil
 import subprocess
 import tempfile
+import time
 
 import nbformat
 import pytest
@@ -43,7 +45,7 @@ def smoke_reports(tmp_path_factory):
     return out, overrides
 
 
-def test_report_builds_index_and_html_then_reuses_everything(smoke_reports):
+def test_report_builds_index_and_html_then_reuses_everything(smoke_reports, capsys):
     out, overrides = smoke_reports
     index = (out / "index.html").read_text()
     assert "href='01_baseline.html'" in index and "test accuracy" in index
@@ -75,8 +77,34 @@ def test_report_builds_index_and_html_then_reuses_everything(smoke_reports):
     for text in ("SVD 0.25 of full rank (from scratch)", "speed-up ÷ MAC reduction", "Memory footprint vs parameters"):
         assert text in svd_html, text
     assert "href='05_svd.html'" in index and "fewer parameters" in index
-    assert report.build("smoke", out, overrides=overrides) == 0  # second run: reuses the stored run
+    summary_html = (out / "06_summary.html").read_text()
+    assert summary_html.count("<img") == 4 and "Traceback" not in summary_html  # the Pareto fronts
+    for text in ("Test accuracy vs size on disk", "Test accuracy vs MACs", "Test accuracy vs measured CPU latency",
+                 "Test accuracy vs course score", "Does each technique beat the baseline?", "The best model per criterion",
+                 "not judged here", "Every run in the store", "FP16 (BatchNorm in FP32)", "L1 structured, layer, 50% of channels",
+                 "SVD 0.25 of full rank (from scratch)", "every saved model reproduces the test accuracy its run stored"):
+        assert text in summary_html, text
+    assert "href='06_summary.html'" in index and "models re-measured side by side" in index
+
+    # nothing changed: no notebook runs again
+    capsys.readouterr()
+    pages = {p: p.stat().st_mtime_ns for p in out.glob("0*.html")}
+    assert report.build("smoke", out, overrides=overrides) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(": up to date (built in") == len(report.plan("smoke")), printed
+    assert "06_summary 0 s (up to date); total 0 s" in printed
+    assert {p: p.stat().st_mtime_ns for p in out.glob("0*.html")} == pages
+    # forced: executed again, the finished runs reused
+    assert report.build("smoke", out, only=["01_baseline"], overrides=overrides, force=True) == 0
     assert "reused from" in (out / "01_baseline.html").read_text()
+    # a run of 04 changed: 04 and 06, which read it, run again; the others stay up to date
+    metrics_file = next((out.parent / "runs" / "prune").glob("*/metrics.json"))
+    os.utime(metrics_file, ns=(time.time_ns(), time.time_ns()))
+    capsys.readouterr()
+    assert report.build("smoke", out, overrides=overrides) == 0
+    printed = capsys.readouterr().out
+    assert "[report] 04_pruning with" in printed and "[report] 06_summary with" in printed
+    assert printed.count(": up to date") == len(report.plan("smoke")) - 2, printed
 
 
 def test_report_fails_naming_the_notebook_and_the_bad_key(tmp_path, capsys):

@@ -156,7 +156,7 @@ def test_report_of_a_stage_without_its_upstream_names_the_command(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_report_builds_at_once_take_turns_and_the_second_reuses_the_runs(tmp_path):
+def test_two_report_builds_at_once_take_turns_and_the_second_finds_the_report_up_to_date(tmp_path):
     code = ("import sys; from resnet_lab import report; "
             f"sys.exit(report.build('smoke', {str(tmp_path / 'reports')!r}, only=['01_baseline'], "
             f"overrides={{'run_root': {str(tmp_path / 'runs')!r}, 'progress': False}}))")
@@ -166,7 +166,8 @@ def test_two_report_builds_at_once_take_turns_and_the_second_reuses_the_runs(tmp
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
     assert sum("another build is writing" in err for _, err in outs) == 1  # one waited for the other
+    assert sum("01_baseline: up to date" in out for out, _ in outs) == 1  # the second found the first's report
     html = (tmp_path / "reports" / "01_baseline.html").read_text()
-    assert "reused from" in html and "Traceback" not in html  # the second build found the run finished
+    assert "trained now into" in html and "Traceback" not in html
     [run] = runs.RunStore(tmp_path / "runs").runs("baseline")
     assert run.done
