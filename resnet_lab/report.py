@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import params as params_mod
-from .runs import PROJECT_ROOT, file_lock, read_json, resolve, write_json, write_text
+from .runs import PROJECT_ROOT, RunStoreError, file_lock, read_json, resolve, write_json, write_text
 
 KERNEL = "resnet-lab"
 HEADLINE_KEY = "resnet_lab/headline"
@@ -99,7 +99,7 @@ def build(profile: str = "default", out: str | Path = "reports", only: list[str]
 def _read_stamps(out: Path) -> dict[str, dict]:
     try:
         stamps = read_json(out / STAMPS)
-    except Exception:  # missing or damaged: every report counts as out of date
+    except RunStoreError:  # missing or damaged: every report counts as out of date
         return {}
     return stamps if isinstance(stamps, dict) else {}
 

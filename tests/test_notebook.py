@@ -146,3 +146,10 @@ def _dom(path):
                            capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "<body" in r.stdout, r.stderr[-1000:]
     return r.stdout
+
+
+def test_a_damaged_build_stamp_means_every_report_is_rebuilt(tmp_path):
+    (tmp_path / report.STAMPS).write_text("{ half written")
+    assert report._read_stamps(tmp_path) == {}
+    (tmp_path / report.STAMPS).write_text('["not", "a", "mapping"]')
+    assert report._read_stamps(tmp_path) == {}
