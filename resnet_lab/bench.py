@@ -128,7 +128,9 @@ def inference(p: dict) -> dict | None:
     models_ = {"FP32 (baseline)": base.model.eval()}
     store = runs.RunStore(p["run_root"])
     for stage, (_, load) in summary.STAGES.items():
-        for run in store.runs(stage) if stage != "baseline" else []:
+        if stage == "baseline":
+            continue
+        for run in store.runs(stage):
             if run.done and run.params.get("baseline") == base.run.key:
                 models_[run.metrics["label"]] = load(run)
     speed = metrics.compare_speed(models_, p["measure_batch_size"], rounds=p["rounds"])

@@ -115,9 +115,10 @@ def _build(profile: str, out: Path, only: list[str] | None, overrides: dict[str,
         executed, page = out / f"{name}.ipynb", out / f"{name}.html"
         inputs, run_root = inputs_digest(name, values), values.get("run_root", "runs")
         stamp = stamps.get(name, {})
-        entry = {"name": name, "params": params_file.name, "failed": False, "inputs": inputs, "run_root": str(run_root)}
+        entry = {"name": name, "params": params_file.name, "failed": False, "inputs": inputs, "run_root": str(run_root),
+                 "reads": reads(name)}
         if (not force and stamp.get("inputs") == inputs and executed.is_file() and page.is_file()
-                and stamp.get("store") == store_digest(run_root, reads(name))):
+                and stamp.get("store") == store_digest(run_root, entry["reads"])):
             print(f"[report] {name}: up to date (built in {stamp.get('seconds', 0):.0f} s; --force runs it again)", flush=True)
             done.append({**entry, "seconds": 0.0, "built_in": stamp.get("seconds"), "skipped": True,
                          "headline": read_headline(executed)})
@@ -140,7 +141,7 @@ def _build(profile: str, out: Path, only: list[str] | None, overrides: dict[str,
     # every report built or checked now is stamped with the store as this build leaves it
     for d in done:
         if not d["failed"]:
-            stamps[d["name"]] = {"inputs": d["inputs"], "store": store_digest(d["run_root"], reads(d["name"])),
+            stamps[d["name"]] = {"inputs": d["inputs"], "store": store_digest(d["run_root"], d["reads"]),
                                  "seconds": d["built_in"]}
     write_json(out / STAMPS, stamps)
     write_index(out / "index.html", _with_earlier_reports(done, profile, out), profile)
