@@ -49,10 +49,11 @@ def _forever(make_iter: Callable[[int], Iterator]) -> Iterator:
 def run(p: dict) -> dict:
     """Measure the three pipelines for bench params `p`; return throughputs (img/s) and ratios."""
     device = train.pick_device(p["device"])
-    fmt = torch.channels_last if train.channels_last(device) else torch.contiguous_format
     dataset = data_mod.from_params(p)
     torch.manual_seed(p["seed"])
-    model = models.resnet18(p["width"]).to(device, memory_format=fmt)
+    model = models.resnet18(p["width"])
+    fmt = torch.channels_last if train.train_channels_last(device, model) else torch.contiguous_format
+    model = model.to(device, memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     loss_fn = nn.CrossEntropyLoss()
     dtype = train.amp_dtype("auto", device)

@@ -50,6 +50,22 @@ def channels_last(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
+# oneDNN's CPU kernel for the weight gradient of a strided 1x1 convolution on NHWC input writes past its
+# workspace when the input has fewer channels than its SIMD block (8 floats with AVX2, 16 with AVX-512):
+# training hangs, corrupts the heap or gets wrong gradients (oneDNN issue #6035; seen here on an AVX2 EPYC
+# with a width-4 ResNet18's first shortcut). NCHW input takes another kernel.
+UNSAFE_1X1_CHANNELS = 16
+
+
+def train_channels_last(device: torch.device, model: nn.Module) -> bool:
+    """Whether to train `model` in NHWC on `device`: `channels_last`, except on the CPU for a model with a strided
+    1x1 convolution of fewer than 16 input channels (see UNSAFE_1X1_CHANNELS), which trains in NCHW."""
+    if device.type == "cpu" and any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+                                    and m.in_channels < UNSAFE_1X1_CHANNELS for m in model.modules()):
+        return False
+    return channels_last(device)
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
@@ -133,9 +149,9 @@ def fit(model: nn.Module, dataset: data_mod.Dataset, p: dict, checkpoint: str | 
     batches, so the history equals an uninterrupted run's.
     """
     device = pick_device(p["device"])
-    cl = channels_last(device)
+    cl = train_channels_last(device, model)
     dtype = amp_dtype(p["amp"], device)
-    model.to(device, memory_format=torch.channels_last if cl else torch.preserve_format)
+    model.to(device, memory_format=torch.channels_last if cl else torch.contiguous_format)
     train = data_mod.Batches(dataset.train, p["batch_size"], device, train=True, seed=p["seed"], channels_last=cl)
     val = data_mod.Batches(dataset.val, p["eval_batch_size"], device, channels_last=cl)
     test = data_mod.Batches(dataset.test, p["eval_batch_size"], device, channels_last=cl)

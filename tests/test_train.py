@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from resnet_lab import data, models, runs, train
+from resnet_lab import data, models, params, prune, runs, train
 from resnet_lab.train import TrainingDiverged
 
 
@@ -76,3 +76,19 @@ def test_baseline_stage_stores_and_then_reuses_its_run(smoke):
     x = torch.randn(2, 3, 32, 32)
     first.model.eval(), second.model.eval()
     assert torch.equal(first.model(x), second.model(x))
+
+
+def test_models_with_a_narrow_strided_1x1_conv_train_in_nchw_on_the_cpu():
+    """oneDNN's NHWC weight gradient of a strided 1x1 conv with fewer input channels than its SIMD block hangs,
+    corrupts the heap or is wrong on AVX2 CPUs (oneDNN #6035): such models train in NCHW; the default width keeps
+    NHWC. (On an AVX2 CPU, `make bench`'s width-4 test hung in its third step before this.)"""
+    cpu = torch.device("cpu")
+    assert train.train_channels_last(cpu, models.resnet18(16))
+    assert not train.train_channels_last(cpu, models.resnet18(4)) and not train.train_channels_last(cpu, models.resnet18(8))
+    narrow = prune.remove_channels(models.resnet18(16), {"conv1": list(range(8))})  # stage 1's stream down to 8
+    assert narrow.layer2[0].shortcut[0].in_channels == 8 and not train.train_channels_last(cpu, narrow)
+    model = models.resnet18(4)
+    p = params.validate({"data": "synthetic", "synthetic_train": 64, "synthetic_test": 32, "width": 4, "epochs": 1,
+                         "batch_size": 16, "progress": False}, "baseline")
+    history = train.fit(model, data.from_params(p), p)
+    assert math.isfinite(history[0]["train_loss"])
