@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
-from . import metrics, models, runs, summary, train
+from . import metrics, models, registry, runs, train
 
 
 class StockCIFAR(torch.utils.data.Dataset):
@@ -128,12 +128,11 @@ def inference(p: dict) -> dict | None:
         return None
     models_ = {"FP32 (baseline)": base.model.eval()}
     store = runs.RunStore(p["run_root"])
-    for stage, (_, load) in summary.STAGES.items():
-        if stage == "baseline":
-            continue
-        for run in store.runs(stage):
+    for kind, tech in registry.techniques().items():
+        for run in store.runs(kind) if tech.is_step else []:
             if run.done and run.params.get("baseline") == base.run.key:
-                models_[run.metrics["label"]] = load(run)
+                name = run.metrics["label"]
+                models_[name if name not in models_ else f"{name} [{run.key}]"] = tech.load(run)
     speed = metrics.compare_speed(models_, p["measure_batch_size"], rounds=p["rounds"])
     ref = speed["FP32 (baseline)"]["throughput_img_s"]
     ref_macs = metrics.count_macs(base.model)["macs"]

@@ -1,4 +1,5 @@
-"""Low-rank factorization of convolutions by truncated SVD, and the 05_svd stage.
+"""Low-rank factorization of convolutions by truncated SVD (model in, model out; the 05_svd stage that
+runs it is `stages.factorization`).
 
 A k×k Conv2d (groups = 1) with weight W reshaped to (C_out, C_in·k·k) = U·S·Vᵀ becomes a k×k conv
 C_in→r (weights √S_r·V_rᵀ, the original stride/padding/dilation) followed by a 1×1 conv r→C_out
@@ -10,18 +11,11 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from . import data as data_mod
-from . import metrics, models, runs, train
-from . import params as params_mod
-
-if TYPE_CHECKING:  # tables are built on demand; pandas is imported there
-    import pandas as pd
+from . import models
 
 RULES = ("fixed", "fraction", "energy")
 
@@ -58,10 +52,10 @@ def saves_params(conv: nn.Conv2d, rank: int) -> bool:
 
 
 def split(conv: nn.Conv2d, rank: int, init: bool = True) -> nn.Sequential:
-    """The two-conv replacement of `conv` at `rank`; its weights from the truncated SVD when `init`."""
-    first = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                      dilation=conv.dilation, bias=False, padding_mode=conv.padding_mode)
-    second = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None)
+    """The two-conv replacement of `conv` at `rank` (`models.low_rank_pair`); its weights from the
+    truncated SVD when `init`."""
+    pair = models.low_rank_pair(conv, rank)
+    first, second = pair
     if init:
         with torch.no_grad():
             u, s, vh = torch.linalg.svd(conv.weight.detach().flatten(1).double(), full_matrices=False)
@@ -70,7 +64,7 @@ def split(conv: nn.Conv2d, rank: int, init: bool = True) -> nn.Sequential:
             second.weight.copy_((u[:, :rank] * root).view(conv.out_channels, rank, 1, 1))
             if conv.bias is not None:
                 second.bias.copy_(conv.bias)
-    return nn.Sequential(first, second)
+    return pair
 
 
 def candidates(model: nn.Module, include_stem: bool = False, include_1x1: bool = False) -> list[tuple[str, nn.Conv2d]]:
@@ -100,138 +94,10 @@ def svd(model: nn.Module, rule: str, value: float, include_stem: bool = False, i
     return model, ranks, skipped
 
 
-def build(arch: dict) -> nn.Module:
-    """The (untrained) factorized model an arch record describes: the base model plus {layer: rank}."""
-    model = models.build(arch)
-    for name, r in arch.get("factorized", {}).items():
-        model.set_submodule(name, split(model.get_submodule(name), int(r), init=False))
-    return model
-
-
-# ---------------------------------------------------------------- the 05_svd stage
-@dataclass
-class Result:
-    baseline: train.BaselineResult
-    rows: list[dict[str, Any]]  # the baseline first, then one per (mode, rank value)
-    models: dict[str, nn.Module]  # label -> CPU model
-    histories: dict[str, list[dict]]
-
-
-def label(mode: str, rule: str, value: float) -> str:
-    what = {"fixed": f"rank {value:g}", "fraction": f"{value:g} of full rank", "energy": f"{value:.0%} energy"}[rule]
-    return f"SVD {what}" + (" (from scratch)" if mode == "scratch" else "")
-
-
-def run(p: dict) -> Result:
-    """Factorize the baseline of `p['baseline']` at every value of `p['ranks']` and fine-tune it; train the
-    architectures of `p['scratch_ranks']` from scratch; each is a run in the store, reused when finished."""
-    base, bp = train.trained_baseline(p["baseline"], p)
-    store = runs.RunStore(p["run_root"])
-    fp32 = base.model.eval()
-    base_row = {"label": "baseline (unfactorized)", "mode": "baseline", **_costs(fp32),
-                "size_bytes": base.run.path("model.pt").stat().st_size, "test_acc": base.metrics["test_acc"],
-                "test_acc_before_finetune": base.metrics["test_acc"], "val_acc": base.metrics["val_acc"],
-                "train_time_s": base.metrics["train_time_s"], "run": str(base.run), "factorized": {}, "skipped": []}
-    out = Result(base, [base_row], {base_row["label"]: fp32}, {})
-    for mode, values in (("posttraining", p["ranks"]), ("scratch", p["scratch_ranks"])):
-        for value in values:
-            _one(out, store, base, bp, p, mode, value)
+def arch(parent: dict, model: nn.Module, ranks: dict[str, int]) -> dict:
+    """The arch record of `model`, factorized at `ranks` from a model of arch record `parent` (whose own
+    factorized layers and resized shapes it keeps: the shapes are taken again from `model`)."""
+    out = {**parent, "factorized": {**parent.get("factorized", {}), **ranks}}
+    if "shapes" in parent:
+        out["shapes"] = models.shapes_of(model)
     return out
-
-
-def _costs(model: nn.Module) -> dict[str, int]:
-    return {"params": metrics.count_params(model), "macs": metrics.count_macs(model)["macs"]}
-
-
-def _evaluate(model: nn.Module, dataset: data_mod.Dataset, split_name: str, p: dict, flip: bool) -> float:
-    return train.evaluate_split(model, getattr(dataset, split_name), p["eval_batch_size"], flip)["acc"]
-
-
-def _one(out: Result, store: runs.RunStore, base: train.BaselineResult, bp: dict, p: dict, mode: str, value: float) -> None:
-    recipe = {k: p[k] for k in params_mod.FINETUNE}
-    if mode == "scratch":
-        recipe["epochs"] = p["scratch_epochs"]
-    ident = {"baseline": base.run.key, "mode": mode, "rank_rule": p["rank_rule"], "rank": value,
-             "rank_multiple": p["rank_multiple"], "include_stem": p["include_stem"], "include_1x1": p["include_1x1"], "seed": p["seed"],
-             "device": p["device"], **recipe}
-    run = store.run("svd", ident)
-    name = label(mode, p["rank_rule"], value)
-    with run.lock():
-        if not (run.done and p["reuse"]):
-            # ranks are chosen on the trained weights in both modes, so both train the same architecture
-            model, ranks, skipped = svd(base.model, p["rank_rule"], value, p["include_stem"], p["include_1x1"],
-                                        p["rank_multiple"])
-            if mode == "scratch":
-                torch.manual_seed(p["seed"])
-                model = build({**models.arch_of(base.model), "factorized": ranks})
-            before = _evaluate(model, base.dataset, "test", p, bp["eval_flip"])
-            if p["progress"]:
-                print(f"{name}: {'fine-tuning' if mode == 'posttraining' else 'training from scratch'} into {run}", flush=True)
-            fit_p = {**bp, **recipe, "seed": p["seed"], "device": p["device"], "progress": p["progress"]}
-            history = train.fit(model, base.dataset, fit_p, checkpoint=run.path("checkpoint.pt"))
-            model = model.to("cpu", memory_format=torch.contiguous_format).eval()
-            arch = {**models.arch_of(base.model), "factorized": ranks}
-            runs.save_torch(run.path("model.pt"), model.state_dict())
-            run.write_json("history.json", history)
-            row = {"label": name, "mode": mode, "rank_rule": p["rank_rule"], "rank": value, **_costs(model),
-                   "size_bytes": run.path("model.pt").stat().st_size,
-                   "test_acc": _evaluate(model, base.dataset, "test", p, bp["eval_flip"]),
-                   "val_acc": _evaluate(model, base.dataset, "val", p, bp["eval_flip"]) if len(base.dataset.val) else None,
-                   "test_acc_before_finetune": before, "train_time_s": sum(r["train_time_s"] for r in history),
-                   "arch": arch, "factorized": ranks, "skipped": skipped, "artifact": "model.pt", "run": str(run)}
-            row |= metrics.course_inputs(model)
-            run.finish(row)
-            run.path("checkpoint.pt").unlink(missing_ok=True)
-        row = run.metrics
-        out.rows.append(row)
-        out.models[name] = load(run)
-        out.histories[name] = run.read_json("history.json")
-
-
-def load(run: runs.Run) -> nn.Module:
-    """The model of a finished svd run, rebuilt from its arch record and weights."""
-    model = build(run.metrics["arch"])
-    model.load_state_dict(run.load_weights())
-    return model.eval()
-
-
-def table(result: Result, speed: dict[str, dict] | None = None) -> pd.DataFrame:
-    import pandas as pd
-
-    base = result.rows[0]
-    rows = []
-    for r in result.rows:
-        row = {"model": r["label"], "layers factorized": len(r["factorized"]), "left alone": len(r["skipped"]),
-               "parameters": r["params"], "compression (× fewer params)": base["params"] / r["params"],
-               "MACs": r["macs"], "MAC reduction (×)": base["macs"] / r["macs"], "size on disk (KB)": r["size_bytes"] / 1e3,
-               "test acc. before fine-tuning (%)": r["test_acc_before_finetune"], "test accuracy (%)": r["test_acc"],
-               "Δ vs baseline (pt)": r["test_acc"] - base["test_acc"]}
-        if speed:
-            row |= metrics.speed_columns(speed, r["label"], base["label"], row["MAC reduction (×)"])
-        row["training time (s)"] = r["train_time_s"]
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("model")
-
-
-def left_alone(result: Result) -> str:
-    """Which layers each model left unfactorized because the pair would not have saved parameters."""
-    lines = [f"**{r['label']}**: {', '.join(f'`{n}`' for n in r['skipped'])}" for r in result.rows[1:] if r["skipped"]]
-    if not lines:
-        return "Every candidate layer was factorized."
-    return ("Left alone (at that rank the two convolutions would hold at least as many parameters as the "
-            "original):  \n" + "  \n".join(lines))
-
-
-def headline(summary: pd.DataFrame, max_loss: float = 3.0) -> str:
-    """The most compressed fine-tuned model within `max_loss` points of the baseline."""
-    tuned = summary[~summary.index.str.contains("scratch") & (summary["layers factorized"] > 0)]
-    ok = tuned[tuned["Δ vs baseline (pt)"] >= -max_loss]
-    pick = ok if len(ok) else tuned
-    if not len(pick):
-        return "no factorized model"
-    name = pick["compression (× fewer params)"].idxmax()
-    r = pick.loc[name]
-    speed = (f", {r['speed-up (×)']:.2f}× CPU throughput ({r['speed-up ÷ MAC reduction']:.2f} of the "
-             f"{r['MAC reduction (×)']:.2f}× MAC reduction)") if "speed-up (×)" in r else ""
-    return (f"{name}: {r['compression (× fewer params)']:.1f}× fewer parameters, test {r['test accuracy (%)']:.1f}% "
-            f"({r['Δ vs baseline (pt)']:+.1f} pt after fine-tuning){speed}")

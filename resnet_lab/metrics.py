@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import packed
+from . import models, packed
 
 
 def _stored(model: nn.Module) -> list[torch.Tensor]:
@@ -232,6 +232,27 @@ def course_inputs(model: nn.Module, pruned_from: nn.Module | None = None) -> dic
             "score": course_score(p_s, p_u, bits["weight_bits"], bits["act_bits"], w, f)}
 
 
+def _kept_weights(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{layer name: (weights, weights kept)} of every conv/linear layer, named as in the float model (a
+    half-precision wrapper's prefix dropped); kept = nonzero for float weights, all for quantized ones
+    (an int8 zero is rounding, not pruning)."""
+    layers, out = set(_layers(model)), {}
+    for name, m in models.unwrap(model).named_modules():
+        if m in layers:
+            w = _weight(m)
+            out[name] = (w.numel(), w.numel() if w.is_quantized else int(torch.count_nonzero(w)))
+    return out
+
+
+def sparsity(model: nn.Module, root: nn.Module) -> dict[str, Any]:
+    """The share of `root`'s conv/linear weights that `model` no longer has (zeroed or removed): in total
+    (`weight_sparsity`) and per layer of the root that `model` still has under the same name."""
+    mine, ref = _kept_weights(model), _kept_weights(root)
+    total = sum(n for n, _ in ref.values())
+    return {"weight_sparsity": 1 - sum(k for _, k in mine.values()) / total,
+            "per_layer_sparsity": {name: 1 - kept / ref[name][0] for name, (_, kept) in mine.items() if name in ref}}
+
+
 def micronet(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> dict[str, float]:
     """MicroNet-challenge-style counts (NeurIPS 2019 rules), in 32-bit equivalents, lower is better.
 
@@ -287,15 +308,31 @@ def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int
     return torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+# the flags that decide which kernels a speed figure came from: SIMD width, bf16/fp16 arithmetic, int8 dot products
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+
+
 def machine() -> str:
-    """One line naming the hardware the figures were measured on."""
+    """One line naming the hardware the figures were measured on, with the CPU flags that decide its kernels."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
+    flags = cpu_flags()
+    have = [f for f in SPEED_FLAGS if f in flags]
+    text = f"{cpu} ({', '.join(have) or 'no AVX2'}; lacks {', '.join(f for f in SPEED_FLAGS if f not in flags) or 'none of those'}), "
+    text += f"{os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
     if torch.cuda.is_available():
         text += f"; GPU {torch.cuda.get_device_name()}"
     return text

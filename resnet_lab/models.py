@@ -60,17 +60,58 @@ def resnet18(width: int = 64, num_classes: int = 10) -> ResNet:
 
 
 def build(arch: dict) -> nn.Module:
-    """The model an `arch` record describes (stored next to weights, so a file says what it holds).
+    """The (untrained) model an `arch` record describes (stored next to weights, so a file says what it holds).
 
-    A record with `shapes` ({layer: weight shape}, from `shapes_of`) describes a ResNet18 whose
-    channels were removed by structured pruning: those layers are rebuilt at the recorded sizes.
+    The record is the ResNet18's `width` plus what compression changed, applied in this order:
+    `factorized` ({layer: rank}: the conv replaced by a low-rank pair, see `low_rank_pair`), `shapes`
+    ({layer: weight shape}, from `shapes_of`: layers resized, e.g. channels removed by structured
+    pruning; taken from the final model, so it covers the pairs' layers too) and `precision`
+    (float16 or bfloat16: the model wrapped in `Precision`). Any chain of those steps rebuilds.
     """
     if arch.get("name") != "resnet18":
         raise ValueError(f"unknown architecture {arch!r}; known: resnet18")
-    model = resnet18(int(arch["width"]), int(arch.get("num_classes", 10)))
+    model: nn.Module = resnet18(int(arch["width"]), int(arch.get("num_classes", 10)))
+    for name, rank in arch.get("factorized", {}).items():
+        model.set_submodule(name, low_rank_pair(model.get_submodule(name), int(rank)))
     for name, shape in arch.get("shapes", {}).items():
         model.set_submodule(name, _resized(model.get_submodule(name), shape))
+    precision = arch.get("precision", "float32")
+    if precision != "float32":
+        model = Precision(model, getattr(torch, precision))
     return model
+
+
+def low_rank_pair(conv: nn.Conv2d, rank: int) -> nn.Sequential:
+    """The layout that replaces a k×k conv by a rank-`rank` factorization: a k×k conv C_in→rank (the
+    original stride, padding, dilation) followed by a 1×1 conv rank→C_out (the original bias).
+    Untrained; `factorize.split` fills it from the SVD."""
+    first = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                      dilation=conv.dilation, bias=False, padding_mode=conv.padding_mode)
+    return nn.Sequential(first, nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None))
+
+
+class Precision(nn.Module):
+    """`model` run in `dtype` (float16 or bfloat16) with BatchNorm in float32; float32 in, float32 out.
+
+    BatchNorm stays in float32 because its running variance and epsilon lose precision in half
+    (and it costs nothing: it is a per-channel scale and shift). Its output is cast back to `dtype`.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.model = model.to(dtype)
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.dtype)).float()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a `Precision` wrapper (its layers carry the names they have in the float model)."""
+    return model.model if isinstance(model, Precision) else model
 
 
 def arch_of(model: ResNet) -> dict:

@@ -8,6 +8,10 @@
 - dense: the values in their dtype.
 All bits share one uint8 tensor and values of each dtype one tensor, next to a layout of plain lists,
 so a file loads with `torch.load(weights_only=True)` and costs no per-tensor overhead.
+
+Every float model of the run store that compression made (pruned, factorized, half precision,
+binarized) is one such file with the arch record that rebuilds it (`models.build`): `save_model`
+writes it and `load_model` rebuilds the model, whatever chain of steps made it.
 """
 from __future__ import annotations
 
@@ -18,8 +22,9 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from torch import nn
 
-from . import runs
+from . import models, runs
 
 FORMAT = "resnet-lab/packed/1"
 _LEGACY_BINARY = "resnet-lab/binary-weights/1"  # 03's first packed BinaryConnect files (signs and floats only)
@@ -109,6 +114,25 @@ def load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         return _unpack(blob), blob["arch"]
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         raise runs.RunStoreError(f"{path} is a damaged packed weights file: {type(e).__name__}: {e}") from None
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, arch: dict) -> Path:
+    """Write a float model (plain or in `models.Precision`) packed, with the arch record that rebuilds it."""
+    return save(models.unwrap(model).state_dict(), path, arch)
+
+
+def load_model(path: str | os.PathLike) -> nn.Module:
+    """The model of a `save_model` file, rebuilt from its arch record (float32 in, float32 out), in eval mode."""
+    state, arch = load(path)
+    try:
+        model = models.build(arch)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise runs.RunStoreError(f"{path} holds an architecture record that cannot be rebuilt: {e}") from None
+    try:
+        models.unwrap(model).load_state_dict(state)
+    except RuntimeError as e:
+        raise runs.RunStoreError(f"{path} does not match its own architecture record: {str(e).splitlines()[0]}") from None
+    return model.eval()
 
 
 def _unpack(blob: dict) -> dict[str, torch.Tensor]:

@@ -31,8 +31,11 @@ class Field:
     low_open: bool = False  # exclude `low` itself
     high_open: bool = False  # exclude `high` itself
     validator: Callable[[str, Any], Any] | None = None  # deeper check of a list/dict value
+    required: bool = False  # a chain link must give it (no default)
 
     def allowed(self) -> str:
+        if self.kind is object:  # a chain: its validator says what it takes
+            return "a list of steps"
         if self.choices:
             return "one of " + ", ".join(repr(c) for c in self.choices)
         lo = "(" if self.low_open else "["
@@ -189,30 +192,156 @@ STAGE: dict[str, Field] = {
 # and eval_flip, which stays the baseline's so every accuracy is measured the same way.
 FINETUNE: dict[str, Field] = {k: f for k, f in TRAINING.items() if k not in ("width", "eval_flip")}
 
+# ---------------------------------------------------------------- chains of compression steps
+# A chain is a list of links, each a registered technique's kind, bare (`int8`) or with settings
+# (`{svd: {rank: 0.5}}`); a link's settings not given take the technique's defaults (its notebook's
+# default params file) and, for the seed, the stage's. `LINKS` holds each kind's settings schema; the
+# registry adds the schema of every technique registered later.
+def _check_seeds(key: str, value: Any) -> list[int]:
+    if not isinstance(value, list):
+        raise ParamsError(f"'{key}' must be a list of seeds (one run per seed), not {value!r}")
+    seed = COMMON["seed"]
+    out = [seed.check(f"{key}[{i}]", v) for i, v in enumerate(value)]
+    if len(set(out)) != len(out):
+        raise ParamsError(f"'{key}' lists a seed twice: {value!r}")
+    return out
+
+
+SEEDS = Field(list, [], "training seeds: one run per seed (empty: the stage's `seed`)", validator=_check_seeds)
+# what a link that trains accepts besides its own settings: the fine-tuning recipe and its seed(s)
+LINK_TRAINING: dict[str, Field] = {**FINETUNE, "seed": COMMON["seed"], "seeds": SEEDS}
+
 QUANT_METHODS = ("fp16", "bf16", "int8", "binaryconnect")
-BC_VARIANT_KEYS: dict[str, Field] = {
-    "init": _f(str, "pretrained", "start from the trained baseline or from scratch", choices=("pretrained", "scratch")),
+INT8_BACKENDS = ("x86", "fbgemm", "onednn", "qnnpack")
+BC_KEYS: dict[str, Field] = {
+    "init": _f(str, "pretrained", "start from the parent's trained weights or from scratch (its architecture, "
+               "random weights)", choices=("pretrained", "scratch")),
     "layers": _f(str, "inner", "binarized layers: every conv/linear except the first conv and the last linear, "
                  "or all of them", choices=("inner", "all")),
     "mode": _f(str, "deterministic", "sign (sign(0) = +1) or stochastic (hard-sigmoid probability)",
                choices=("deterministic", "stochastic")),
     "scale": _f(bool, False, "multiply the signs by α = mean |w| per output channel (XNOR-Net)"),
-    "epochs": TRAINING["epochs"],
-    "lr": TRAINING["lr"],
+}
+BC_VARIANT_KEYS: dict[str, Field] = {**BC_KEYS, "epochs": TRAINING["epochs"], "lr": TRAINING["lr"], "seeds": SEEDS}
+
+PRUNE_METHODS = ("l1", "ln_structured")
+PRUNE_KEYS: dict[str, Field] = {
+    "method": _f(str, "l1", "l1: unstructured L1 magnitude (masked weights); ln_structured: whole output channels "
+                 "with the lowest filter Ln norm, physically removed", choices=PRUNE_METHODS),
+    "scope": _f(str, "global", "global: one ranking over all chosen layers; layer: the same amount in each layer "
+                "(or channel group); sensitivity (l1): per-layer amounts derived from the sensitivity analysis",
+                choices=("global", "layer", "sensitivity")),
+    "schedule": _f(str, "oneshot", "oneshot: prune then fine-tune; iterative (l1): `steps` rounds of prune a little "
+                   "more, fine-tune, on a gradual (cubic) schedule, with the epochs split between them",
+                   choices=("oneshot", "iterative")),
+    "steps": _f(int, 3, "iterative schedule: prune/fine-tune rounds", low=1, high=100),
+    "norm": _f(int, 1, "ln_structured: n of the Ln norm that ranks filters (1 like the old scripts, or 2)", choices=(1, 2)),
+    "round_to": _f(int, 1, "ln_structured: channels kept per layer are rounded to a multiple of this (16 suits "
+                   "AVX-512 CPU kernels, which compute 16 channels at a time)", low=1, high=1024),
+    "include_stem": _f(bool, False, "also prune the first conv (3 input channels: little to gain, much to lose)"),
+    "include_fc": _f(bool, True, "l1: also prune the classifier (last linear)"),
+}
+
+SVD_KEYS: dict[str, Field] = {
+    "rank_rule": _f(str, "fraction", "how each layer's rank is chosen: a fixed rank, a fraction of the layer's "
+                    "full rank, or the share of singular-value energy kept", choices=("fixed", "fraction", "energy")),
+    "rank_multiple": _f(int, 1, "round every rank up to a multiple of this (CPU kernels compute channels in "
+                        "SIMD-wide blocks: 16 floats with AVX-512, 8 with AVX2; a smaller rank saves MACs, not time)",
+                        low=1, high=1024),
+    "include_stem": _f(bool, False, "also factorize the first conv (3 input channels: little to gain)"),
+    "include_1x1": _f(bool, False, "also factorize the 1x1 shortcut convs"),
 }
 
 
-def check_methods(key: str, value: Any) -> list[str]:
-    if not isinstance(value, list) or not value:
-        raise ParamsError(f"'{key}' must be a non-empty list drawn from {', '.join(QUANT_METHODS)}, not {value!r}")
-    for v in value:
-        if v not in QUANT_METHODS:
-            close = difflib.get_close_matches(str(v), QUANT_METHODS, n=1)
-            raise ParamsError(f"'{key}' names unknown method {v!r}" + (f" (did you mean '{close[0]}'?)" if close else "")
-                              + f"; known: {', '.join(QUANT_METHODS)}")
-    if len(set(value)) != len(value):
-        raise ParamsError(f"'{key}' lists a method twice: {value!r}")
-    return list(value)
+def _fractions(low_open: bool, what: str) -> Callable[[str, Any], list[float]]:
+    """Validator of a list of distinct fractions in [0, 1) (or (0, 1) when `low_open`)."""
+    def check(key: str, value: Any) -> list[float]:
+        if not isinstance(value, list):
+            raise ParamsError(f"'{key}' must be a list of {what}, not {value!r}")
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < 1 if low_open else 0 <= v < 1):
+                raise ParamsError(f"'{key}' holds {v!r}; each of its {what} lies in {'(0' if low_open else '[0'}, 1)")
+        if len(set(value)) != len(value):
+            raise ParamsError(f"'{key}' lists a value twice: {value!r}")
+        return [float(v) for v in value]
+    return check
+
+
+SENSITIVITY_AMOUNTS = Field(list, [0.5, 0.7, 0.9], "amounts at which each layer is pruned alone (no fine-tuning) for "
+                            "the sensitivity analysis on the validation split; empty: skip it",
+                            validator=_fractions(True, "amounts"))
+
+
+def _rank_value(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ParamsError(f"'{key}' = {value!r}: a rank value is a number > 0 (a whole rank for rank_rule 'fixed', "
+                          f"a share in (0, 1] for 'fraction' and 'energy')")
+    return value
+
+
+# Settings of one link per kind; `required` keys have no default and must be given in the link.
+LINKS: dict[str, dict[str, Field]] = {
+    "fp16": {},
+    "bf16": {},
+    "int8": {"backend": _f(str, "x86", "quantized engine of the INT8 model (x86: fbgemm + oneDNN)", choices=INT8_BACKENDS),
+             "calibration_images": _f(int, 1024, "training images (not augmented) that calibrate the INT8 "
+                                      "activation ranges", low=1)},
+    "binaryconnect": {**BC_KEYS, **LINK_TRAINING},
+    "prune": {**PRUNE_KEYS, "amount": _f(float, None, "share of the chosen weights zeroed (l1) or of the channels "
+                                         "removed (ln_structured), in [0, 1)", low=0.0, high=1.0, high_open=True,
+                                         required=True),
+              "sensitivity_amounts": SENSITIVITY_AMOUNTS, **LINK_TRAINING},
+    "svd": {**SVD_KEYS, "rank": Field(float, None, "the rank value under rank_rule", validator=_rank_value, required=True),
+            "mode": _f(str, "posttraining", "posttraining: factorize the trained parent, then fine-tune; scratch: "
+                       "train the same factorized architecture from random weights", choices=("posttraining", "scratch")),
+            **LINK_TRAINING},
+}
+
+
+def check_chain(key: str, value: Any) -> list[dict[str, dict[str, Any]]]:
+    """A chain of links: a list whose items are a kind (`int8`) or a one-key mapping {kind: {settings}};
+    returned as [{kind: {settings given}}]. A bare kind stands for a one-link chain, `none` for no link."""
+    if value is None or value == "none":
+        return []
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, list):
+        raise ParamsError(f"'{key}' must be a list of steps (e.g. [int8] or [{{svd: {{rank: 0.5}}}}, int8]), not {value!r}")
+    out = []
+    for i, item in enumerate(value):
+        where = f"{key}[{i}]"
+        if isinstance(item, str):
+            kind, given = item, {}
+        elif isinstance(item, dict) and len(item) == 1:
+            (kind, given), = item.items()
+            given = {} if given is None else given
+        else:
+            raise ParamsError(f"'{where}' must be a step kind or a mapping {{kind: {{settings}}}}, not {item!r}")
+        if kind not in LINKS:
+            close = difflib.get_close_matches(str(kind), LINKS, n=1)
+            raise ParamsError(f"'{where}' names unknown step {kind!r}" + (f" (did you mean '{close[0]}'?)" if close else "")
+                              + f"; known: {', '.join(LINKS)}")
+        fields = LINKS[kind]
+        if not isinstance(given, dict):
+            raise ParamsError(f"'{where}.{kind}' must be a mapping of its settings ({', '.join(fields) or 'none'}), "
+                              f"not {given!r}")
+        unknown = [k for k in given if k not in fields]
+        if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
+            raise ParamsError(f"unknown key '{where}.{kind}.{unknown[0]}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                              + f"; a {kind} step may set {', '.join(fields) or 'nothing'}")
+        missing = [k for k, f in fields.items() if f.required and k not in given]
+        if missing:
+            raise ParamsError(f"'{where}.{kind}' needs '{missing[0]}' ({fields[missing[0]].help})")
+        checked = {k: fields[k].check(f"{where}.{kind}.{k}", v) for k, v in given.items()}
+        if "seed" in checked and checked.get("seeds"):
+            raise ParamsError(f"'{where}.{kind}' sets both 'seed' and 'seeds'; give one")
+        out.append({kind: checked})
+    return out
+
+
+THEN = Field(object, [], "steps that follow each model made here, in order: a chain such as [int8], "
+             "[{svd: {rank: 0.5}}, int8] or [binaryconnect]; each link is its own run", validator=check_chain)
 
 
 def _variants(key: str, value: Any, fields: dict[str, Field]) -> list[dict[str, Any]]:
@@ -233,23 +362,38 @@ def _variants(key: str, value: Any, fields: dict[str, Field]) -> list[dict[str, 
     return out
 
 
+def check_methods(key: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise ParamsError(f"'{key}' must be a non-empty list drawn from {', '.join(QUANT_METHODS)}, not {value!r}")
+    for v in value:
+        if v not in QUANT_METHODS:
+            close = difflib.get_close_matches(str(v), QUANT_METHODS, n=1)
+            raise ParamsError(f"'{key}' names unknown method {v!r}" + (f" (did you mean '{close[0]}'?)" if close else "")
+                              + f"; known: {', '.join(QUANT_METHODS)}")
+    if len(set(value)) != len(value):
+        raise ParamsError(f"'{key}' lists a method twice: {value!r}")
+    return list(value)
+
+
 def check_bc_variants(key: str, value: Any) -> list[dict[str, Any]]:
     """A list of BinaryConnect variants; each a mapping of BC_VARIANT_KEYS (missing keys take the defaults,
-    except epochs and lr, which fall back to the stage's recipe)."""
-    return [{**{k: f.default for k, f in BC_VARIANT_KEYS.items() if k not in ("epochs", "lr")}, **v}
-            for v in _variants(key, value, BC_VARIANT_KEYS)]
+    except epochs, lr and seeds, which fall back to the stage's)."""
+    return [{**{k: f.default for k, f in BC_KEYS.items()}, **v} for v in _variants(key, value, BC_VARIANT_KEYS)]
 
 
 QUANTIZATION: dict[str, Field] = {
+    "start": Field(object, [], "the model the methods are applied to: a chain of steps from the baseline (e.g. "
+                   "[{prune: {method: ln_structured, scope: global, amount: 0.6, epochs: 10, lr: 0.001}}], each link "
+                   "its own run, reused when finished); empty: the baseline itself", validator=check_chain),
     "methods": Field(list, list(QUANT_METHODS), f"which methods to run, from {', '.join(QUANT_METHODS)}",
                      validator=check_methods),
-    "int8_backend": _f(str, "x86", "quantized engine of the INT8 model (x86: fbgemm + oneDNN)",
-                       choices=("x86", "fbgemm", "onednn", "qnnpack")),
-    "calibration_images": _f(int, 1024, "training images (not augmented) that calibrate the INT8 activation ranges", low=1),
+    "int8_backend": LINKS["int8"]["backend"],
+    "calibration_images": LINKS["int8"]["calibration_images"],
     "binaryconnect": Field(list, [{}], "BinaryConnect variants to train, each a mapping of "
-                           + ", ".join(BC_VARIANT_KEYS) + " (epochs and lr default to the recipe's)",
+                           + ", ".join(BC_VARIANT_KEYS) + " (epochs, lr and seeds default to the stage's)",
                            validator=check_bc_variants),
 }
+
 
 def check_ranks(key: str, value: Any) -> list[float]:
     """Rank values of a sweep: numbers > 0 (their meaning, and whether they must be whole or ≤ 1, depends
@@ -257,79 +401,64 @@ def check_ranks(key: str, value: Any) -> list[float]:
     if not isinstance(value, list):
         raise ParamsError(f"'{key}' must be a list of rank values, not {value!r}")
     for v in value:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ParamsError(f"'{key}' holds {v!r}; every rank value must be a number > 0")
+        _rank_value(key, v)
     if len(set(value)) != len(value):
         raise ParamsError(f"'{key}' lists a value twice: {value!r}")
     return list(value)
 
 
-SVD: dict[str, Field] = {
-    "rank_rule": _f(str, "fraction", "how each layer's rank is chosen: a fixed rank, a fraction of the layer's "
-                    "full rank, or the share of singular-value energy kept", choices=("fixed", "fraction", "energy")),
+# One factorization recipe; the top-level keys are the defaults of every entry of `variants`.
+SVD_VARIANT: dict[str, Field] = {
+    **SVD_KEYS,
     "ranks": Field(list, [0.5, 0.25], "the sweep: rank values under rank_rule (fixed: whole ranks >= 1; "
                    "fraction and energy: in (0, 1])", validator=check_ranks),
-    "scratch_ranks": Field(list, [], "rank values (as in 'ranks') whose factorized architecture is also trained "
-                           "from random weights, like the old scripts, for comparison", validator=check_ranks),
-    "scratch_epochs": _f(int, 40, "training epochs of the from-scratch models", low=1, high=10_000),
-    "rank_multiple": _f(int, 1, "round every rank up to a multiple of this (CPU kernels compute channels in "
-                        "SIMD-wide blocks: 16 floats with AVX-512, 8 with AVX2; a smaller rank saves MACs, not time)",
-                        low=1, high=1024),
-    "include_stem": _f(bool, False, "also factorize the first conv (3 input channels: little to gain)"),
-    "include_1x1": _f(bool, False, "also factorize the 1x1 shortcut convs"),
+    "then": THEN,
+    "epochs": TRAINING["epochs"],
+    "lr": TRAINING["lr"],
+    "seeds": SEEDS,
 }
 
 
-def _check_svd(values: dict[str, Any]) -> None:
-    rule = values["rank_rule"]
-    if not values["ranks"]:
-        raise ParamsError("'ranks' must list at least one rank value")
-    for v in values["ranks"] + values["scratch_ranks"]:
+SVD: dict[str, Field] = {
+    **SVD_VARIANT,
+    "variants": Field(list, [], "factorization recipes to run, each a mapping of the keys above (missing keys take "
+                      "the top-level values); empty: the top-level keys are the one recipe",
+                      validator=lambda key, value: _variants(key, value, SVD_VARIANT)),
+    "scratch_ranks": Field(list, [], "rank values (as in 'ranks', top-level rule) whose factorized architecture is "
+                           "also trained from random weights, like the old scripts, for comparison", validator=check_ranks),
+    "scratch_epochs": _f(int, 40, "training epochs of the from-scratch models", low=1, high=10_000),
+}
+
+
+def check_rank_values(where: str, rule: str, values: list) -> None:
+    for v in values:
         if rule == "fixed" and (not isinstance(v, int) or v < 1):
-            raise ParamsError(f"rank value {v!r}: with rank_rule 'fixed' every value is a whole rank >= 1")
+            raise ParamsError(f"{where}: rank value {v!r}: with rank_rule 'fixed' every value is a whole rank >= 1")
         if rule in ("fraction", "energy") and not 0 < v <= 1:
-            raise ParamsError(f"rank value {v!r}: with rank_rule '{rule}' every value lies in (0, 1]")
+            raise ParamsError(f"{where}: rank value {v!r}: with rank_rule '{rule}' every value lies in (0, 1]")
 
 
-def _fractions(low_open: bool, what: str) -> Callable[[str, Any], list[float]]:
-    """Validator of a list of distinct fractions in [0, 1) (or (0, 1) when `low_open`)."""
-    def check(key: str, value: Any) -> list[float]:
-        if not isinstance(value, list):
-            raise ParamsError(f"'{key}' must be a list of {what}, not {value!r}")
-        for v in value:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < 1 if low_open else 0 <= v < 1):
-                raise ParamsError(f"'{key}' holds {v!r}; each of its {what} lies in {'(0' if low_open else '[0'}, 1)")
-        if len(set(value)) != len(value):
-            raise ParamsError(f"'{key}' lists a value twice: {value!r}")
-        return [float(v) for v in value]
-    return check
+def _check_svd(values: dict[str, Any]) -> None:
+    """Resolve `variants` to full recipes (top-level keys fill the gaps) and check the ranks under their rule."""
+    top = {k: values[k] for k in SVD_VARIANT}
+    values["variants"] = [{**top, **v} for v in values["variants"]] or [top]
+    for i, v in enumerate(values["variants"]):
+        where = f"variant {i}" if len(values["variants"]) > 1 else "the recipe"
+        if not v["ranks"]:
+            raise ParamsError(f"{where}: 'ranks' must list at least one rank value")
+        check_rank_values(where, v["rank_rule"], v["ranks"])
+    check_rank_values("scratch_ranks", values["rank_rule"], values["scratch_ranks"])
 
 
 # One pruning recipe. The top-level keys are the defaults of every entry of `variants`.
 PRUNE_VARIANT: dict[str, Field] = {
-    "method": _f(str, "l1", "l1: unstructured L1 magnitude (masked weights); ln_structured: whole output channels "
-                 "with the lowest filter Ln norm, physically removed", choices=("l1", "ln_structured")),
-    "scope": _f(str, "global", "global: one ranking over all chosen layers; layer: the same amount in each layer "
-                "(or channel group); sensitivity (l1): per-layer amounts derived from the sensitivity analysis",
-                choices=("global", "layer", "sensitivity")),
+    **PRUNE_KEYS,
     "amounts": Field(list, [0.5], "the sweep: share of the chosen weights zeroed (l1) or of the channels removed "
                      "(ln_structured), each in [0, 1)", validator=_fractions(False, "amounts")),
-    "schedule": _f(str, "oneshot", "oneshot: prune then fine-tune; iterative (l1): `steps` rounds of prune a little "
-                   "more, fine-tune, on a gradual (cubic) schedule, with the epochs split between them",
-                   choices=("oneshot", "iterative")),
-    "steps": _f(int, 3, "iterative schedule: prune/fine-tune rounds", low=1, high=100),
-    "norm": _f(int, 1, "ln_structured: n of the Ln norm that ranks filters (1 like the old scripts, or 2)", choices=(1, 2)),
-    "round_to": _f(int, 1, "ln_structured: channels kept per layer are rounded to a multiple of this (16 suits "
-                   "AVX-512 CPU kernels, which compute 16 channels at a time)", low=1, high=1024),
-    "include_stem": _f(bool, False, "also prune the first conv (3 input channels: little to gain, much to lose)"),
-    "include_fc": _f(bool, True, "l1: also prune the classifier (last linear)"),
-    "then": _f(str, "none", "what follows the fine-tuned pruning: nothing, FP16 or BF16 conversion, or BinaryConnect "
-               "training of the inner layers that keeps the pruned weights at zero",
-               choices=("none", "fp16", "bf16", "binaryconnect")),
+    "then": THEN,
     "epochs": _f(int, 5, "fine-tuning epochs after pruning (iterative: in total)", low=1, high=10_000),
     "lr": TRAINING["lr"],
-    "then_epochs": _f(int, 5, "then = binaryconnect: training epochs", low=1, high=10_000),
-    "then_lr": _f(float, 0.003, "then = binaryconnect: peak learning rate", low=0.0, high=10.0, low_open=True),
+    "seeds": SEEDS,
 }
 
 
@@ -342,12 +471,27 @@ PRUNING: dict[str, Field] = {
     **PRUNE_VARIANT,
     "variants": Field(list, [], "pruning recipes to run, each a mapping of the keys above (missing keys take the "
                       "top-level values); empty: the top-level keys are the one recipe", validator=check_prune_variants),
-    "sensitivity_amounts": Field(list, [0.5, 0.7, 0.9], "amounts at which each layer is pruned alone (no fine-tuning) "
-                                 "for the sensitivity analysis on the validation split; empty: skip it",
-                                 validator=_fractions(True, "amounts")),
+    "sensitivity_amounts": SENSITIVITY_AMOUNTS,
     "curve_amounts": Field(list, [0.5, 0.8, 0.9], "amounts at which each method's accuracy right after pruning "
                            "(no fine-tuning) is measured for the curves", validator=_fractions(False, "amounts")),
 }
+
+
+def check_prune_link(where: str, v: dict[str, Any], sensitivity_amounts: list[float]) -> None:
+    """What spans keys of one pruning recipe (a variant, or a `prune` link)."""
+    if v["method"] == "ln_structured" and v["scope"] == "sensitivity":
+        raise ParamsError(f"{where}: scope 'sensitivity' derives per-layer amounts of weights; it works with method 'l1'")
+    if v["method"] == "ln_structured" and v["schedule"] == "iterative":
+        raise ParamsError(f"{where}: the iterative schedule is for method 'l1' (structured pruning here is one-shot)")
+    if v["schedule"] == "iterative" and v["epochs"] < v["steps"]:
+        raise ParamsError(f"{where}: {v['steps']} iterative steps need at least as many epochs, not {v['epochs']}")
+    if v["scope"] == "sensitivity":
+        if not sensitivity_amounts:
+            raise ParamsError(f"{where}: scope 'sensitivity' needs the sensitivity analysis: set 'sensitivity_amounts'")
+        amounts = v["amounts"] if "amounts" in v else [v["amount"]]
+        if max(amounts) > max(sensitivity_amounts):
+            raise ParamsError(f"{where}: amount {max(amounts)} exceeds the largest sensitivity amount "
+                              f"{max(sensitivity_amounts)}; per-layer amounts are derived only within the measured range")
 
 
 def _check_pruning(values: dict[str, Any]) -> None:
@@ -358,19 +502,7 @@ def _check_pruning(values: dict[str, Any]) -> None:
         where = f"variant {i} ({v['method']}, {v['scope']})" if len(values["variants"]) > 1 else "the recipe"
         if not v["amounts"]:
             raise ParamsError(f"{where}: 'amounts' must list at least one amount")
-        if v["method"] == "ln_structured" and v["scope"] == "sensitivity":
-            raise ParamsError(f"{where}: scope 'sensitivity' derives per-layer amounts of weights; it works with method 'l1'")
-        if v["method"] == "ln_structured" and v["schedule"] == "iterative":
-            raise ParamsError(f"{where}: the iterative schedule is for method 'l1' (structured pruning here is one-shot)")
-        if v["schedule"] == "iterative" and v["epochs"] < v["steps"]:
-            raise ParamsError(f"{where}: {v['steps']} iterative steps need at least as many epochs, not {v['epochs']}")
-        if v["scope"] == "sensitivity":
-            if not values["sensitivity_amounts"]:
-                raise ParamsError(f"{where}: scope 'sensitivity' needs the sensitivity analysis: set 'sensitivity_amounts'")
-            top_amount = max(values["sensitivity_amounts"])
-            if max(v["amounts"]) > top_amount:
-                raise ParamsError(f"{where}: amount {max(v['amounts'])} exceeds the largest sensitivity amount "
-                                  f"{top_amount}; per-layer amounts are derived only within the measured range")
+        check_prune_link(where, v, values["sensitivity_amounts"])
 
 
 # 06_summary reads the run store and measures again; it trains nothing and writes no run.
@@ -396,7 +528,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "baseline": {**COMMON, **TRAINING, **REPORTING},
     "optuna": {**COMMON, **TRAINING, **REPORTING, **TUNING},
     "quantization": {**STAGE, **FINETUNE, **QUANTIZATION},
-    "svd": {**STAGE, **FINETUNE, **SVD},
+    "svd": {**STAGE, **{k: f for k, f in FINETUNE.items() if k not in SVD_VARIANT}, **SVD},
     "pruning": {**STAGE, **{k: f for k, f in FINETUNE.items() if k not in PRUNE_VARIANT}, **PRUNING},
     "summary": SUMMARY,
     "bench": {

@@ -92,14 +92,20 @@ def metrics_table(m: dict) -> pd.DataFrame:
 
 
 def epoch_curves(histories: dict[str, Sequence[dict]], title: str) -> plt.Figure:
-    """Train (dashed) and test (solid) loss and accuracy per epoch, one colour per model."""
-    rows = [{"model": name, "epoch": r["epoch"], "split": split, "loss": r[f"{split}_loss"], "acc": r[f"{split}_acc"]}
-            for name, history in histories.items() for r in history
-            for split in ("train", "test") if f"{split}_acc" in r]
+    """Train (dashed) and validation (solid) loss and accuracy per epoch, one colour per model (the test split
+    where a history has no validation figures)."""
+    rows = []
+    for name, history in histories.items():
+        for r in history:
+            held_out = "val" if "val_acc" in r else "test"
+            rows += [{"model": name, "epoch": r["epoch"], "split": {"val": "validation"}.get(split, split),
+                      "loss": r[f"{split}_loss"], "acc": r[f"{split}_acc"]}
+                     for split in ("train", held_out) if f"{split}_acc" in r]
     df = pd.DataFrame(rows)
+    held = [s for s in ("validation", "test") if s in set(df["split"])]
     fig, axes = plt.subplots(1, 2, figsize=(15, 4.8))
     for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy (%)")):
-        sns.lineplot(data=df, x="epoch", y=metric, hue="model", style="split", style_order=["test", "train"],
+        sns.lineplot(data=df, x="epoch", y=metric, hue="model", style="split", style_order=held + ["train"],
                      markers=True, ax=ax)
         ax.set(title=f"{label.split(' (')[0].capitalize()} per epoch", xlabel="epoch", ylabel=label)
         ax.legend(fontsize=8)

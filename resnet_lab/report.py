@@ -24,16 +24,22 @@ from .runs import PROJECT_ROOT, RunStoreError, file_lock, read_json, resolve, wr
 
 KERNEL = "resnet-lab"
 HEADLINE_KEY = "resnet_lab/headline"
+READS_KEY = "resnet_lab/reads"
 PLAN_FILE = PROJECT_ROOT / "params" / "report.yaml"
 STAMPS = ".build.json"  # in the reports folder: what each report was built from
-READS = "reads"  # the key of a plan line naming the run-store stages the notebook reads ("*": all)
+EVERYTHING = "*"  # a notebook that reads the whole run store (06)
 
 
-def headline(text: str) -> None:
-    """Show a one-line result in the notebook; the report index quotes it."""
+def headline(text: str, reads: list | None = None) -> None:
+    """Show a one-line result in the notebook; the report index quotes it. `reads`: the run folders the
+    notebook read (runs, or paths relative to the run store; "*": all of it), recorded in the output so that
+    `make report` re-executes the notebook exactly when one of them changes."""
     from IPython.display import Markdown, display
 
-    display(Markdown(f"**Result:** {text}"), metadata={HEADLINE_KEY: text})
+    meta = {HEADLINE_KEY: text}
+    if reads is not None:
+        meta[READS_KEY] = [r if isinstance(r, str) else f"{r.stage}/{r.key}" for r in reads]
+    display(Markdown(f"**Result:** {text}"), metadata=meta)
 
 
 def plan(profile: str = "default", only: list[str] | None = None) -> list[tuple[str, Path]]:
@@ -43,22 +49,14 @@ def plan(profile: str = "default", only: list[str] | None = None) -> list[tuple[
     for name, by_profile in table.items():
         if only and name not in only:
             continue
-        if not isinstance(by_profile, dict) or profile not in by_profile or profile == READS:
-            known = sorted({p for v in table.values() if isinstance(v, dict) for p in v} - {READS})
+        if not isinstance(by_profile, dict) or profile not in by_profile:
+            known = sorted({p for v in table.values() if isinstance(v, dict) for p in v})
             raise params_mod.ParamsError(f"{PLAN_FILE}: notebook {name} has no params file for profile "
                                          f"'{profile}'; profiles: {', '.join(known)}")
         steps.append((name, PROJECT_ROOT / "params" / by_profile[profile]))
     if only and len(steps) != len(only):
         raise params_mod.ParamsError(f"unknown notebook(s) {sorted(set(only) - {s[0] for s in steps})}; known: {', '.join(table)}")
     return steps
-
-
-def reads(name: str) -> list[str]:
-    """The run-store stages notebook `name` reads (["*"]: every stage)."""
-    stages = params_mod.read_yaml(PLAN_FILE).get(name, {}).get(READS)
-    if not isinstance(stages, list) or not stages:
-        raise params_mod.ParamsError(f"{PLAN_FILE}: notebook {name} must list the run-store stages it reads under '{READS}'")
-    return stages
 
 
 def inputs_digest(name: str, values: dict[str, Any]) -> str:
@@ -70,13 +68,16 @@ def inputs_digest(name: str, values: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def store_digest(run_root: str | Path, stages: list[str]) -> str:
-    """The state of the run-store folders of `stages`: every file's path, size and modification time (lock and
-    temporary files, whose names start with a dot, left out)."""
+def store_digest(run_root: str | Path, reads: list[str]) -> str:
+    """The state of the run-store folders a notebook read (paths relative to the store, "*": all of it): every
+    file's path, size and modification time (lock and temporary files, whose names start with a dot, left out).
+    A folder that is gone changes it too."""
     root = resolve(run_root)
-    folders = sorted(p for p in root.iterdir() if p.is_dir()) if "*" in stages and root.is_dir() else [root / s for s in stages]
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if EVERYTHING in reads and root.is_dir() else \
+        [root / r for r in sorted(set(reads))]
     h = hashlib.sha256()
     for folder in folders:
+        h.update(f"{folder.relative_to(root)} {folder.is_dir()}\n".encode())
         for f in sorted(folder.rglob("*")) if folder.is_dir() else []:
             if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts):
                 st = f.stat()
@@ -115,13 +116,12 @@ def _build(profile: str, out: Path, only: list[str] | None, overrides: dict[str,
         executed, page = out / f"{name}.ipynb", out / f"{name}.html"
         inputs, run_root = inputs_digest(name, values), values.get("run_root", "runs")
         stamp = stamps.get(name, {})
-        entry = {"name": name, "params": params_file.name, "failed": False, "inputs": inputs, "run_root": str(run_root),
-                 "reads": reads(name)}
+        entry = {"name": name, "params": params_file.name, "failed": False, "inputs": inputs, "run_root": str(run_root)}
         if (not force and stamp.get("inputs") == inputs and executed.is_file() and page.is_file()
-                and stamp.get("store") == store_digest(run_root, entry["reads"])):
+                and isinstance(stamp.get("reads"), list) and stamp.get("store") == store_digest(run_root, stamp["reads"])):
             print(f"[report] {name}: up to date (built in {stamp.get('seconds', 0):.0f} s; --force runs it again)", flush=True)
             done.append({**entry, "seconds": 0.0, "built_in": stamp.get("seconds"), "skipped": True,
-                         "headline": read_headline(executed)})
+                         "reads": stamp["reads"], "headline": read_output(executed, HEADLINE_KEY)})
             continue
         print(f"[report] {name} with {params_file.relative_to(PROJECT_ROOT)}", flush=True)
         stamps.pop(name, None)
@@ -135,13 +135,15 @@ def _build(profile: str, out: Path, only: list[str] | None, overrides: dict[str,
         if executed.is_file():
             render_html(executed, page)
         done.append({**entry, "seconds": seconds, "built_in": seconds, "skipped": False, "failed": bool(failure),
-                     "headline": read_headline(executed) if executed.is_file() else None})
+                     "headline": read_output(executed, HEADLINE_KEY) if executed.is_file() else None,
+                     "reads": read_output(executed, READS_KEY) if executed.is_file() else None})
         if failure:
             break
-    # every report built or checked now is stamped with the store as this build leaves it
+    # every report built or checked now is stamped with the run folders it read, as this build leaves them
+    # (a notebook that recorded none is never up to date)
     for d in done:
-        if not d["failed"]:
-            stamps[d["name"]] = {"inputs": d["inputs"], "store": store_digest(d["run_root"], d["reads"]),
+        if not d["failed"] and isinstance(d["reads"], list):
+            stamps[d["name"]] = {"inputs": d["inputs"], "reads": d["reads"], "store": store_digest(d["run_root"], d["reads"]),
                                  "seconds": d["built_in"]}
     write_json(out / STAMPS, stamps)
     write_index(out / "index.html", _with_earlier_reports(done, profile, out), profile)
@@ -165,7 +167,7 @@ def _with_earlier_reports(done: list[dict], profile: str, out: Path) -> list[dic
             entries.append(ran[name])
         elif (out / f"{name}.ipynb").is_file() and (out / f"{name}.html").is_file():
             entries.append({"name": name, "params": params_file.name, "seconds": None, "failed": False,
-                            "headline": read_headline(out / f"{name}.ipynb")})
+                            "headline": read_output(out / f"{name}.ipynb", HEADLINE_KEY)})
     return entries
 
 
@@ -196,14 +198,15 @@ def _clean_streams(nb):
     return nb
 
 
-def read_headline(notebook: Path) -> str | None:
+def read_output(notebook: Path, key: str) -> Any:
+    """The first output metadata value under `key` in an executed notebook (its headline, its reads), or None."""
     import nbformat
 
     for cell in nbformat.read(notebook, as_version=4).cells:
         for output in cell.get("outputs", []):
-            text = output.get("metadata", {}).get(HEADLINE_KEY)
-            if text:
-                return text
+            value = output.get("metadata", {}).get(key)
+            if value:
+                return value
     return None
 
 

@@ -3,7 +3,9 @@
     runs/<stage>/<hash>/params.yaml     resolved parameters (written first)
                         checkpoint.pt   training state after the last complete epoch (while running)
                         model.pt        final weights (a state_dict)
-                        *.json          history, predictions, ...
+                        *.json          history, ...
+                        predictions.npz predicted class of every test and validation image (uint8: one byte
+                                        per image), so any two models can be compared image by image later
                         metrics.json    written last: its presence means the run is finished
 
 The hash is taken over the parameters that decide the result (see `params.identity`), so the
@@ -22,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+import numpy as np
 import torch
 import yaml
 
@@ -29,7 +32,7 @@ from . import params as params_mod
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Bump when the meaning of stored runs changes, so old runs are not reused by mistake.
-STORE_FORMAT = 2  # 2: per-epoch curves evaluated single-view
+STORE_FORMAT = 3  # 2: per-epoch curves evaluated single-view; 3: steps keyed by their parent run, predictions.npz
 
 
 class RunStoreError(RuntimeError):
@@ -122,6 +125,9 @@ def run_key(stage: str, values: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
+PREDICTIONS = "predictions.npz"
+
+
 class Run:
     """One stage's outputs for one parameter set."""
 
@@ -167,6 +173,22 @@ class Run:
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise RunStoreError(f"{self.path(name)} is not a state_dict")
         return sd
+
+    def save_predictions(self, predictions: Mapping[str, torch.Tensor]) -> Path:
+        """Store the predicted class of every image of each split ({split: classes}), one byte per image."""
+        arrays = {split: np.asarray(t.cpu(), dtype=np.uint8) for split, t in predictions.items()}
+        return atomic_write(self.path(PREDICTIONS), lambda f: np.savez(f, **arrays))
+
+    def predictions(self) -> dict[str, torch.Tensor]:
+        """{split: predicted class per image} as `save_predictions` stored it (read without unpickling)."""
+        path = self.path(PREDICTIONS)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: torch.from_numpy(z[k].astype(np.int64)) for k in z.files}
+        except FileNotFoundError:
+            raise RunStoreError(f"{path} does not exist") from None
+        except (OSError, ValueError) as e:
+            raise RunStoreError(f"{path} is not a predictions file ({e}); delete the run folder to recompute it") from None
 
     def finish(self, metrics: Mapping[str, Any]) -> None:
         """Mark the run finished by writing metrics.json, the last file of every run."""

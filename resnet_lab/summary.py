@@ -8,27 +8,17 @@ other data) is listed with the reason, never dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 from torch import nn
 
-from . import factorize, metrics, prune, quantize, runs, train
+from . import metrics, registry, runs, steps, train
 
-# stage -> (notebook that makes its runs, loader of a finished run's inference model), in report order
-STAGES: dict[str, tuple[str, Callable[[runs.Run], nn.Module]]] = {
-    "baseline": ("01_baseline", train.load_model),
-    **{stage: ("03_quantization", quantize.load) for stage in ("fp16", "bf16", "int8", "binaryconnect")},
-    "prune": ("04_pruning", prune.load), "prune_then": ("04_pruning", prune.load),
-    "svd": ("05_svd", factorize.load),
-}
-# stages whose runs hold no model
-ANALYSES = {"optuna": ("02_optuna", "analysis: an Optuna study (its trials train narrow proxies; the retrained "
-                                    "model is a baseline run)"),
-            "prune_analysis": ("04_pruning", "analysis: sensitivity or accuracy-vs-amount curve (no model)")}
-PRUNED = ("prune", "prune_then")  # scored against the model they were pruned from (the course score's p_s, p_u)
 IN_TABLE = "in the table"
-ACC, DELTA, SIZE, MACS = "test accuracy (%)", "Δ vs baseline (pt)", "size on disk (KB)", "MACs"
+ACC, VAL, DELTA, SIZE, MACS = steps.ACC, steps.VAL, steps.DELTA, steps.SIZE, steps.MACS
+# groups of models, in table order: one per technique family; a model made by two or more steps is a combination
+GROUPS = ("baseline", "quantization", "pruning", "factorization", "combination")
 # a recomputed accuracy may differ from the stored one by float rounding on another device, not by more
 ACC_TOLERANCE = 0.25
 
@@ -45,12 +35,13 @@ class Summary:
 
 def run(p: dict) -> Summary:
     """Read every run of `p['run_root']`, rebuild and measure each model made on the data of the reference
-    baseline (`p['baseline']`), then time them all on the CPU side by side."""
+    baseline (`p['baseline']`), then time them all on the CPU side by side. Which kinds of run hold a model, and
+    how to load it, is the registry's knowledge; nothing here names a technique."""
     base, bp = train.trained_baseline(p["baseline"], p)
     out = Summary(base, f"CPU latency (ms, batch {p['latency_batch_size']})",
                   f"CPU throughput (img/s, batch {p['measure_batch_size']})")
     reader = _Reader(p, bp, base, out)
-    order = list(STAGES) + list(ANALYSES)
+    order = list(registry.techniques()) + list(registry.analyses())
     for r in sorted(runs.RunStore(p["run_root"]).runs(),
                     key=lambda r: (r.key != base.run.key, order.index(r.stage) if r.stage in order else len(order), r.key)):
         reader.read(r)
@@ -71,24 +62,26 @@ class _Reader:
         self.p, self.bp, self.base, self.out = p, bp, base, out
         self.store = runs.RunStore(p["run_root"])
         self.baselines: dict[str, nn.Module] = {base.run.key: base.model.eval()}
+        self.techniques, self.analyses = registry.techniques(), registry.analyses()
 
     def read(self, run: runs.Run) -> None:
-        entry = {"notebook": STAGES.get(run.stage, ANALYSES.get(run.stage, ("?",)))[0], "stage": run.stage,
+        tech, analysis = self.techniques.get(run.stage), self.analyses.get(run.stage)
+        entry = {"notebook": (tech or analysis).notebook if (tech or analysis) else "?", "stage": run.stage,
                  "run": str(run), "model": "", "status": IN_TABLE}
         self.out.runs.append(entry)
-        if run.stage in ANALYSES:
-            entry["status"] = ANALYSES[run.stage][1]
-        elif run.stage not in STAGES:
+        if analysis:
+            entry["status"] = analysis.description
+        elif tech is None:
             entry["status"] = "not read: unknown stage"
         elif not run.done:
             entry["status"] = "unfinished: no metrics.json (still running, or interrupted: rerun its notebook to finish it)"
         else:
             try:
-                self._add(run, entry)
+                self._add(tech, run, entry)
             except (runs.RunStoreError, KeyError, TypeError, ValueError, RuntimeError) as e:
                 entry["status"] = f"unusable: {e}"
 
-    def _add(self, run: runs.Run, entry: dict) -> None:
+    def _add(self, tech: registry.Technique, run: runs.Run, entry: dict) -> None:
         stored = run.metrics  # raises on a damaged metrics.json
         origin = run if run.stage == "baseline" else runs.Run(self.store, "baseline", run.params["baseline"])
         if not origin.done:
@@ -97,20 +90,22 @@ class _Reader:
         if not _same_test_set(obp, self.bp):
             entry["status"] = f"not compared: made on other data ({obp['data']}), so its accuracy is not comparable"
             return
-        model = STAGES[run.stage][1](run)
+        model = tech.load(run)
         name = self._name(run, stored)
         entry["model"] = name
-        device = "cpu" if run.stage == "int8" else train.pick_device(self.p["device"])  # int8 kernels are CPU-only
+        device = "cpu" if tech.cpu_only else train.pick_device(self.p["device"])
         acc = train.evaluate_split(model, self.base.dataset.test, self.p["eval_batch_size"], obp["eval_flip"], device)["acc"]
-        pruned_from = self._baseline(origin) if run.stage in PRUNED else None
-        macs = metrics.count_macs(model)
+        root = self._baseline(origin)
+        m = steps.measure(model, root if stored.get("pruned") else None, root)
+        links = stored.get("links", 0)
+        parent = stored.get("parent_label") or ""
         self.out.rows.append({
-            "notebook": STAGES[run.stage][0], "model": name, "recipe": _recipe(run.stage, run.params), ACC: acc,
-            "parameters": metrics.count_params(model), "nonzero parameters": metrics.count_nonzero(model),
-            MACS: macs["macs"], "MACs over nonzero weights": macs["sparse_macs"],
+            "group": tech.family if links <= 1 else "combination", "technique": run.stage, "family": tech.family,
+            "links": links, "parent": parent, "model": name, "recipe": _recipe(stored.get("settings") or obp), ACC: acc,
+            VAL: stored.get("val_acc"), "parameters": m["params"], "nonzero parameters": m["nonzero_params"],
+            MACS: m["macs"], "MACs over nonzero weights": m["sparse_macs"],
             SIZE: run.path(stored.get("artifact", "model.pt")).stat().st_size / 1e3,
-            "course score": metrics.course_inputs(model, pruned_from)["score"],
-            "MicroNet score": metrics.micronet(model)["micronet_score"],
+            "course score": m["score"], "MicroNet score": m["micronet_score"],
             "stored test accuracy (%)": stored.get("test_acc"), "run": str(run), "stage": run.stage})
         self.out.models[name] = model
 
@@ -128,7 +123,7 @@ class _Reader:
             name = stored["label"]
             if run.params["baseline"] != self.base.run.key:
                 name += f", from baseline {run.params['baseline']}"
-        if name in self.out.models:  # the same technique with another recipe
+        if name in self.out.models:  # the same lineage with another recipe or seed
             name += f" [{run.key}]"
         return name
 
@@ -138,22 +133,21 @@ def _same_test_set(a: dict, b: dict) -> bool:
     return all(a[k] == b[k] for k in keys)
 
 
-def _recipe(stage: str, p: dict) -> str:
-    """How the model was trained or made, in a few words."""
-    if "epochs" in p:
-        return f"{p['epochs']} epochs, {p['optimizer']} lr {p['lr']:g}"
-    if stage == "int8":
-        return f"calibrated on {p['calibration_images']} images"
+def _recipe(settings: dict) -> str:
+    """How the last step trained, in a few words (its settings, or the baseline's params)."""
+    if "epochs" in settings:
+        return f"{settings['epochs']} epochs, {settings['optimizer']} lr {settings['lr']:g}, seed {settings['seed']}"
     return "converted, no training"
 
 
 # ---------------------------------------------------------------- the tables
 def table(s: Summary) -> pd.DataFrame:
-    """The side-by-side table: one row per model, in the order of the notebooks that made them."""
-    cols = ["notebook", "recipe", ACC, DELTA, "parameters", "nonzero parameters", MACS, SIZE, s.latency_col,
-            s.throughput_col, "course score", "MicroNet score"]
+    """The side-by-side table: one row per model (its name is its lineage), grouped by technique family, the
+    models of two or more steps last; `group`, `technique`, `links` and `parent` are fields to select by."""
+    cols = ["group", "technique", "links", "parent", "recipe", ACC, VAL, DELTA, "parameters", "nonzero parameters", MACS,
+            SIZE, s.latency_col, s.throughput_col, "course score", "MicroNet score"]
     df = pd.DataFrame(s.rows).set_index("model")
-    return df.sort_values("notebook", kind="stable")[cols]
+    return df.sort_values("group", key=lambda g: g.map(GROUPS.index), kind="stable")[cols]
 
 
 def runs_table(s: Summary) -> pd.DataFrame:
@@ -204,15 +198,16 @@ def best(s: Summary, df: pd.DataFrame, max_drop: float) -> pd.DataFrame:
 
 
 def beats_baseline(s: Summary, df: pd.DataFrame) -> pd.DataFrame:
-    """Per compression notebook: how many of its models are smaller or faster than the baseline, and the best."""
+    """Per group of models (each technique family, and the combinations): how many are smaller or faster than
+    the baseline, and the best of each."""
     ref = df.iloc[0]
     rows = {}
-    for notebook in ("03_quantization", "04_pruning", "05_svd"):
-        mine = df[df["notebook"] == notebook]
+    for group in GROUPS[1:]:
+        mine = df[df["group"] == group]
         smaller = mine[mine[SIZE] < ref[SIZE]]
         faster = mine[mine[s.latency_col] < ref[s.latency_col]]
         more = mine[mine[s.throughput_col] > ref[s.throughput_col]]
-        rows[notebook] = {
+        rows[group] = {
             "models": len(mine),
             "smaller": len(smaller), "smallest": _best_of(smaller, SIZE, "{:,.0f} KB", ref[SIZE], "smaller"),
             "lower latency": len(faster),

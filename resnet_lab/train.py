@@ -120,16 +120,24 @@ def evaluate(model: nn.Module, batches: data_mod.Batches, amp: torch.dtype | Non
     return score(predict(model, batches, amp, flip), batches.labels.cpu())
 
 
-def evaluate_split(model: nn.Module, split: data_mod.Split, batch_size: int, flip: bool = False,
-                   device: torch.device | str = "cpu") -> dict[str, float]:
-    """`evaluate` on one split, run on `device` (channels_last where it pays); the model ends on the CPU."""
+def predict_split(model: nn.Module, split: data_mod.Split, batch_size: int, flip: bool = False,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """`predict` on one split, run on `device` (channels_last where it pays); the model ends on the CPU."""
     device = torch.device(device)
     cl = channels_last(device)
     model.to(device, memory_format=torch.channels_last if cl else torch.preserve_format)
     try:
-        return evaluate(model, data_mod.Batches(split, batch_size, device, channels_last=cl), flip=flip)
+        return predict(model, data_mod.Batches(split, batch_size, device, channels_last=cl), flip=flip)
     finally:
         model.to("cpu", memory_format=torch.contiguous_format)
+
+
+def evaluate_split(model: nn.Module, split: data_mod.Split, batch_size: int, flip: bool = False,
+                   device: torch.device | str = "cpu") -> dict[str, float]:
+    """`evaluate` on one split, run on `device`; the model ends on the CPU."""
+    if len(split) == 0:
+        return {"loss": float("nan"), "acc": float("nan")}
+    return score(predict_split(model, split, batch_size, flip, device), split.labels.cpu())
 
 
 def score(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -233,7 +241,7 @@ class BaselineResult:
     dataset: data_mod.Dataset
     history: list[dict]
     metrics: dict[str, Any]
-    test_predictions: torch.Tensor  # predicted class per test image
+    test_predictions: torch.Tensor  # predicted class per test image (predictions.npz also holds the validation split's)
     reused: bool
 
 
@@ -285,7 +293,7 @@ def load_model(run: runs.Run) -> nn.Module:
 def _finished_baseline(run: runs.Run, dataset: data_mod.Dataset, p: dict, reused: bool) -> BaselineResult:
     model = load_model(run)
     return BaselineResult(run, model, dataset, run.read_json("history.json"), run.metrics,
-                          torch.tensor(run.read_json("predictions.json")["test"]), reused)
+                          run.predictions()["test"], reused)
 
 
 def _train_baseline(run: runs.Run, dataset: data_mod.Dataset, p: dict) -> None:
@@ -299,7 +307,8 @@ def _train_baseline(run: runs.Run, dataset: data_mod.Dataset, p: dict) -> None:
     preds = logits.argmax(1)
     result = score(logits, dataset.test.labels)
     val = data_mod.Batches(dataset.val, p["eval_batch_size"], device, channels_last=channels_last(device))
-    val_result = evaluate(model, val, dtype, p["eval_flip"])
+    val_logits = predict(model, val, dtype, p["eval_flip"])
+    val_result = score(val_logits, dataset.val.labels) if len(dataset.val) else {"acc": None}
     model = model.to("cpu", memory_format=torch.contiguous_format)
     m = {
         "test_acc": result["acc"], "test_loss": result["loss"],
@@ -313,6 +322,6 @@ def _train_baseline(run: runs.Run, dataset: data_mod.Dataset, p: dict) -> None:
     }
     run.save_weights(model.state_dict())
     run.write_json("history.json", history)
-    run.write_json("predictions.json", {"test": preds.tolist()})
+    run.save_predictions({"test": preds, "val": val_logits.argmax(1)})
     run.finish(m)
     run.path("checkpoint.pt").unlink(missing_ok=True)

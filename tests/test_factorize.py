@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_lab import factorize, metrics, models, params, train
+from resnet_lab import factorize, metrics, models, params, steps, train
+from resnet_lab.stages import factorization
 
 from conftest import PARAMS
 
@@ -74,12 +75,14 @@ def test_layers_that_would_not_save_parameters_are_left_alone():
     assert skipped == [] and len(ranks) == 16
     assert metrics.count_params(small) < metrics.count_params(model) / 2
     assert "conv1" not in ranks and not any("shortcut" in n for n in ranks)
-    rebuilt = factorize.build({**models.arch_of(model), "factorized": ranks})
+    rebuilt = models.build(factorize.arch(models.arch_of(model), small, ranks))
     assert [tuple(t.shape) for t in rebuilt.state_dict().values()] == [tuple(t.shape) for t in small.state_dict().values()]
 
 
 @pytest.mark.parametrize("values, expect", [
     ({"rank_rule": "fixed", "ranks": [8, 2.5]}, "whole rank"),
+    ({"variants": [{"rank_rule": "fixed", "ranks": [0.5]}]}, "the recipe: rank value 0.5: with rank_rule 'fixed'"),
+    ({"then": [{"svd": {}}]}, "needs 'rank'"),
     ({"rank_rule": "fraction", "ranks": [1.5]}, "(0, 1]"),
     ({"rank_rule": "energy", "ranks": [0.9], "scratch_ranks": [2]}, "(0, 1]"),
     ({"ranks": []}, "at least one"),
@@ -99,22 +102,27 @@ def test_stage_factorizes_fine_tunes_trains_from_scratch_then_reuses(tmp_path, m
     train.baseline(bp)
     p = params.load(PARAMS / "svd_smoke.yaml", "svd")
     p.update(run_root=str(tmp_path), progress=False)
-    result = factorize.run(p)
-    assert [r["label"] for r in result.rows] == ["baseline (unfactorized)", "SVD 0.5 of full rank",
-                                                 "SVD 0.25 of full rank", "SVD 0.25 of full rank (from scratch)"]
-    base, half, quarter, scratch = result.rows
+    result = factorization.run(p)
+    int8 = "INT8 (x86, 128 calibration images)"
+    assert result.names() == ["baseline (FP32)", "SVD 0.5 of full rank", f"SVD 0.5 of full rank → {int8}",
+                              "SVD 0.25 of full rank", f"SVD 0.25 of full rank → {int8}",
+                              "SVD 0.25 of full rank (from scratch)"]
+    base, half, half8, quarter, quarter8, scratch = result.rows()
+    assert half8["parent"] == result.models[1].ref and half8["macs"] == half["macs"] and half8["weight_bits"] == 8
     assert base["params"] > half["params"] > quarter["params"] == scratch["params"]
     assert quarter["factorized"] == scratch["factorized"]  # same architecture in both modes
-    assert len(result.histories[quarter["label"]]) == p["epochs"]
-    assert len(result.histories[scratch["label"]]) == p["scratch_epochs"]
+    histories = result.histories()
+    assert len(histories["SVD 0.25 of full rank"]) == p["epochs"]
+    assert len(histories["SVD 0.25 of full rank (from scratch)"]) == p["scratch_epochs"]
     x = torch.randn(4, 3, 32, 32)
     with torch.inference_mode():  # the reloaded model is the trained one
-        assert result.models[quarter["label"]](x).shape == (4, 10)
-    speed = metrics.compare_speed(result.models, 8, rounds=1, repeats=1)
-    table = factorize.table(result, speed)
-    assert table.loc["baseline (unfactorized)", "speed-up (×)"] == 1.0
-    assert "fewer parameters" in factorize.headline(table)
+        assert result.inference_models()["SVD 0.25 of full rank"](x).shape == (4, 10)
+    speed = metrics.compare_speed(result.inference_models(), 8, rounds=1, repeats=1)
+    table = factorization.table(result, speed)
+    assert table.loc["baseline (FP32)", steps.SPEEDUP] == 1.0
+    assert list(table["mode"].fillna("")) == ["", "posttraining", "", "posttraining", "", "scratch"]
+    assert "fewer parameters" in factorization.headline(table)
 
     monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("a finished run was recomputed"))
-    again = factorize.run(p)
-    assert [r["test_acc"] for r in again.rows] == [r["test_acc"] for r in result.rows]
+    again = factorization.run(p)
+    assert [r["test_acc"] for r in again.rows()] == [r["test_acc"] for r in result.rows()]

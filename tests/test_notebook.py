@@ -62,14 +62,14 @@ def test_report_builds_index_and_html_then_reuses_everything(smoke_reports, caps
     assert "href='02_optuna.html'" in index and "retrained test accuracy" in index
     quant_html = (out / "03_quantization.html").read_text()
     assert quant_html.count("<img") >= 3 and "Traceback" not in quant_html  # BC curves, two trade-offs
-    for text in ("FP16 (BatchNorm in FP32)", "INT8 (FX, x86", "BinaryConnect (deterministic, inner layers)",
-                 "speed-up vs FP32", "course score", "rebuilt model gives identical logits"):
+    for text in ("FP16", "INT8 (x86", "BinaryConnect (deterministic, inner layers)", "Δ vs parent (pt)",
+                 "speed-up (×)", "course score", "rebuilt model gives identical logits"):
         assert text in quant_html, text
     assert "href='03_quantization.html'" in index and "BinaryConnect" in index
     prune_html = (out / "04_pruning.html").read_text()
     assert prune_html.count("<img") >= 6 and "Traceback" not in prune_html  # curves ×2, throughput, layers, heat map, epochs
     for text in ("L1 unstructured, global, 50%", "L1 structured, layer, 50% of channels", "Sensitivity analysis",
-                 "MicroNet score", "p_s", "speed-up ÷ MAC reduction", "→ FP16", "+ BinaryConnect"):
+                 "MicroNet score", "p_s", "speed-up ÷ MAC reduction", "→ FP16", "→ BinaryConnect (deterministic"):
         assert text in prune_html, text
     assert "href='04_pruning.html'" in index and "best course score" in index
     svd_html = (out / "05_svd.html").read_text()
@@ -81,7 +81,8 @@ def test_report_builds_index_and_html_then_reuses_everything(smoke_reports, caps
     assert summary_html.count("<img") == 4 and "Traceback" not in summary_html  # the Pareto fronts
     for text in ("Test accuracy vs size on disk", "Test accuracy vs MACs", "Test accuracy vs measured CPU latency",
                  "Test accuracy vs course score", "Does each technique beat the baseline?", "The best model per criterion",
-                 "not judged here", "Every run in the store", "FP16 (BatchNorm in FP32)", "L1 structured, layer, 50% of channels",
+                 "not judged here", "Every run in the store", "FP16", "L1 structured, layer, 50% of channels",
+                 "combination", "L1 unstructured, global, 50% → FP16",
                  "SVD 0.25 of full rank (from scratch)", "every saved model reproduces the test accuracy its run stored"):
         assert text in summary_html, text
     assert "href='06_summary.html'" in index and "models re-measured side by side" in index

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_lab import bench, metrics, models, packed, params, prune, quantize, runs, train
+from resnet_lab import bench, metrics, models, packed, params, prune, quantize, runs, steps, train
+from resnet_lab.stages import pruning
 
 from conftest import PARAMS
 
@@ -155,8 +156,8 @@ def test_compacted_model_has_the_planned_channels_and_the_masked_models_outputs(
 
     # the compact model saves with its shapes and loads (weights_only) into the same function
     arch = {**models.arch_of(model), "shapes": models.shapes_of(compacted)}
-    prune.save(compacted, tmp_path / "packed.pt", arch)
-    loaded = prune.load_file(tmp_path / "packed.pt")
+    packed.save_model(compacted, tmp_path / "packed.pt", arch)
+    loaded = packed.load_model(tmp_path / "packed.pt")
     with torch.no_grad():
         assert torch.equal(loaded(x), compacted(x))
 
@@ -197,8 +198,8 @@ def test_packed_files_round_trip_exactly_and_store_sparse_and_binary_tensors_sma
     assert sparse_path.stat().st_size < 0.3 * dense_size  # 20% of the values + 1 bit per weight
 
     half = quantize.half(model)
-    path = prune.save(half, tmp_path / "half.pt", {**arch, "precision": "float16"})
-    loaded = prune.load_file(path)
+    path = packed.save_model(half, tmp_path / "half.pt", {**arch, "precision": "float16"})
+    loaded = packed.load_model(path)
     ref = half.model.state_dict()
     assert all(torch.equal(t, ref[k]) for k, t in loaded.model.state_dict().items())
     assert path.stat().st_size < 0.6 * sparse_path.stat().st_size
@@ -236,12 +237,12 @@ def test_binaryconnect_on_a_pruned_model_keeps_its_zeros_and_exports_exactly(tmp
 def test_a_packed_file_of_another_kind_or_damaged_is_refused(tmp_path):
     runs.save_torch(tmp_path / "plain.pt", {"conv.weight": torch.zeros(2)})
     with pytest.raises(runs.RunStoreError, match="not a resnet-lab packed weights file"):
-        prune.load_file(tmp_path / "plain.pt")
+        packed.load_model(tmp_path / "plain.pt")
     blob = packed.pack(_net(4).state_dict(), models.arch_of(_net(4)))
     blob["layout"][0]["offset"] = 10**9  # points past the values
     runs.save_torch(tmp_path / "bad.pt", blob)
     with pytest.raises(runs.RunStoreError):
-        prune.load_file(tmp_path / "bad.pt")
+        packed.load_model(tmp_path / "bad.pt")
 
 
 # ---------------------------------------------------------------- params
@@ -254,7 +255,10 @@ def test_a_packed_file_of_another_kind_or_damaged_is_refused(tmp_path):
     ({"variants": [{"schedule": "iterative", "steps": 4, "epochs": 3}]}, "at least as many epochs"),
     ({"scope": "sensitivity", "amounts": [0.99]}, "exceeds the largest sensitivity amount"),
     ({"scope": "sensitivity", "sensitivity_amounts": []}, "needs the sensitivity analysis"),
-    ({"then": "int8"}, "one of 'none'"),
+    ({"then": "int9"}, "unknown step 'int9' (did you mean 'int8'?)"),
+    ({"then": [{"int8": {"backnd": "x86"}}]}, "did you mean 'backend'"),
+    ({"then": [{"prune": {"method": "l1"}}]}, "needs 'amount'"),
+    ({"then": [{"binaryconnect": {"seed": 1, "seeds": [2]}}]}, "both 'seed' and 'seeds'"),
     ({"norm": 3}, "one of 1, 2"),
 ])
 def test_pruning_params_are_checked_before_any_work(values, expect):
@@ -266,7 +270,7 @@ def test_pruning_params_are_checked_before_any_work(values, expect):
 def test_variants_take_the_top_level_keys_they_leave_out():
     p = params.validate({"epochs": 7, "variants": [{"method": "ln_structured", "amounts": [0.5]}, {"then": "fp16"}]}, "pruning")
     assert [v["method"] for v in p["variants"]] == ["ln_structured", "l1"]
-    assert all(v["epochs"] == 7 for v in p["variants"]) and p["variants"][1]["then"] == "fp16"
+    assert all(v["epochs"] == 7 for v in p["variants"]) and p["variants"][1]["then"] == [{"fp16": {}}]
     assert params.validate({"amounts": [0.3]}, "pruning")["variants"][0]["amounts"] == [0.3]
 
 
@@ -277,41 +281,75 @@ def test_stage_prunes_every_variant_then_reuses_them(tmp_path, monkeypatch):
     train.baseline(bp)
     p = params.load(PARAMS / "pruning_smoke.yaml", "pruning")
     p.update(run_root=str(tmp_path), progress=False)
-    result = prune.run(p)
-    rows = {r["label"]: r for r in result.rows}
-    assert list(rows) == ["baseline (dense)", "L1 unstructured, global, 50%", "L1 unstructured, global, 50%, 2 steps",
-                          "L1 unstructured, sensitivity, 50%", "L1 unstructured, global, 50% → FP16",
-                          "L1 unstructured, global, 50% + BinaryConnect", "L1 structured, layer, 50% of channels"]
-    base = rows["baseline (dense)"]
-    chosen = [n for n, _ in prune.prunable(result.models["baseline (dense)"])]
-    chosen_size = sum(result.models["baseline (dense)"].get_submodule(n).weight.numel() for n in chosen)
+    result = pruning.run(p)
+    rows = dict(zip(result.names(), result.rows()))
+    bc_name = "L1 unstructured, global, 50% → BinaryConnect (deterministic, inner layers)"
+    assert list(rows) == ["baseline (FP32)", "L1 unstructured, global, 50%", "L1 unstructured, global, 50%, 2 steps",
+                          "L1 unstructured, sensitivity, 50%", "L1 unstructured, global, 50% → FP16", bc_name,
+                          "L1 structured, layer, 50% of channels"]
+    models_ = result.inference_models()
+    base = rows["baseline (FP32)"]
+    chosen = [n for n, _ in prune.prunable(models_["baseline (FP32)"])]
+    chosen_size = sum(models_["baseline (FP32)"].get_submodule(n).weight.numel() for n in chosen)
     for name in ("L1 unstructured, global, 50%", "L1 unstructured, global, 50%, 2 steps"):
-        model = result.models[name]  # reloaded from its packed file: the zeros are permanent
+        model = models_[name]  # reloaded from its packed file: the zeros are permanent
         assert _zeros(model, chosen) == round(0.5 * chosen_size)
         assert rows[name]["p_u"] == pytest.approx(round(0.5 * chosen_size) / base["params"])
         assert rows[name]["size_bytes"] < base["size_bytes"]
-    assert len(result.histories["L1 unstructured, global, 50%, 2 steps"]) == p["epochs"]
+    assert len(result.histories()["L1 unstructured, global, 50%, 2 steps"]) == p["epochs"]
     fp16 = rows["L1 unstructured, global, 50% → FP16"]
     assert fp16["weight_bits"] == 16 and fp16["score"] < rows["L1 unstructured, global, 50%"]["score"]
-    bc = rows["L1 unstructured, global, 50% + BinaryConnect"]
+    # the chain's links start from the pruned run, which is made once for both chains
+    assert fp16["parent"] == rows[bc_name]["parent"] == f"prune/{result.models[1].run.key}"
+    bc = rows[bc_name]
     assert bc["weight_bits"] < 2 and bc["p_u"] > 0.4 and bc["size_bytes"] < base["size_bytes"] / 10
     struct = rows["L1 structured, layer, 50% of channels"]
     assert struct["p_s"] > 0.5 and struct["p_u"] == 0 and struct["macs"] < base["macs"] / 2
-    assert result.sensitivity["layers"][0] == "conv1" and len(result.sensitivity["acc"]["linear"]) == 2
-    assert {c["family"] for c in result.curves} == {"L1 unstructured, global", "L1 structured, layer"}
+    sens = result.extras["sensitivity"]
+    assert sens["layers"][0] == "conv1" and len(sens["acc"]["linear"]) == 2
+    assert {c["family"] for c in result.extras["curves"]} == {"L1 unstructured, global", "L1 structured, layer"}
 
-    speed = metrics.compare_speed(result.models, 8, rounds=1, repeats=1)
-    table = prune.table(result, speed)
-    assert table.loc["baseline (dense)", "speed-up (×)"] == 1.0
-    assert set(prune.score_inputs(result).columns) >= {"p_s", "p_u", "q_w (bits)", "q_a (bits)", "w", "f"}
-    assert "best course score" in prune.headline(table)
-    assert prune.sensitivity_table(result).shape == (len(result.sensitivity["layers"]), 2)
-    assert len(prune.curve_table(result)) == len(result.curves) + len(result.rows) - 1
+    speed = metrics.compare_speed(result.inference_models(), 8, rounds=1, repeats=1)
+    table = pruning.table(result, speed)
+    assert table.loc["baseline (FP32)", steps.SPEEDUP] == 1.0
+    assert set(pruning.score_inputs(result).columns) >= {"p_s", "p_u", "q_w (bits)", "q_a (bits)", "w", "f"}
+    assert "best course score" in pruning.headline(table)
+    assert pruning.sensitivity_table(result).shape == (len(sens["layers"]), 2)
+    pruned_rows = sum(r["technique"] == "prune" for r in result.rows())
+    assert len(pruning.curve_table(result)) == len(result.extras["curves"]) + pruned_rows
 
     bench_p = params.validate({"baseline": "params/smoke.yaml", "run_root": str(tmp_path), "rounds": 1,
                                "measure_batch_size": 8}, "bench")
-    assert set(bench.inference(bench_p)) == set(rows) - {"baseline (dense)"} | {"FP32 (baseline)"}
+    assert set(bench.inference(bench_p)) == set(rows) - {"baseline (FP32)"} | {"FP32 (baseline)"}
 
     monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("a finished run was recomputed"))
-    again = prune.run(p)
-    assert [r["test_acc"] for r in again.rows] == [r["test_acc"] for r in result.rows]
+    again = pruning.run(p)
+    assert [r["test_acc"] for r in again.rows()] == [r["test_acc"] for r in result.rows()]
+
+
+def _headline_table(names_and_fields):
+    """A 04 table by hand: (name, technique, method, sparsity %, Δ pt, MAC reduction, course score); the columns
+    of today's table and, for the old headline, of the table before the fields existed."""
+    import pandas as pd
+
+    rows = []
+    for name, technique, method, sparsity, delta, reduction, score in names_and_fields:
+        rows.append({"model": name, "technique": technique, "method": method, steps.SPARSITY: sparsity,
+                     steps.DELTA: delta, steps.MAC_REDUCTION: reduction, "MAC reduction (×, dense)": reduction,
+                     steps.COURSE: score})
+    return pd.DataFrame(rows).set_index("model")
+
+
+def test_pruning_headline_picks_models_by_their_method_never_by_their_name():
+    # With norm 1 a structured model's name starts with "L1", and "unstructured" contains "structured": a
+    # headline that selects by name calls the structured model the sparsest unstructured one.
+    table = _headline_table([
+        ("baseline (FP32)", "baseline", None, 0.0, 0.0, 1.0, 0.25),
+        ("L1 unstructured, global, 80%", "prune", "l1", 80.0, -1.0, 1.0, 0.15),
+        ("L1 structured, global, 60% of channels", "prune", "ln_structured", 85.0, -1.5, 2.2, 0.06),
+        ("L1 unstructured, global, 95%", "prune", "l1", 95.0, -6.0, 1.0, 0.12),
+    ])
+    text = pruning.headline(table)
+    unstructured_part, structured_part = text.split(" · ")[:2]
+    assert unstructured_part.startswith("L1 unstructured, global, 80%: ")
+    assert structured_part.startswith("L1 structured, global, 60% of channels: 2.2× fewer MACs")

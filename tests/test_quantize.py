@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_lab import bench, data, metrics, models, params, prune, quantize, runs, train
+from resnet_lab import bench, data, metrics, models, params, prune, quantize, runs, steps, train
+from resnet_lab.stages import quantization
 
 from conftest import PARAMS
 
@@ -178,8 +179,8 @@ def test_int8_agrees_with_fp32_and_reloads_identically(trained, tmp_path):
     inputs = metrics.course_inputs(q)
     assert inputs["p_u"] == 0 and inputs["p_s"] == 0  # int8 zeros are rounding, not pruning
     assert metrics.count_nonzero(q) < metrics.count_params(q)  # ... though some weights do round to 0
-    path = runs.save_torch(tmp_path / "int8.pt", q.state_dict())
-    again = quantize.load_int8(path, models.arch_of(result.model))
+    path = quantize.save_int8(q, tmp_path / "int8.pt", quantize.int8_arch(models.arch_of(result.model), "x86"))
+    again = quantize.load_int8(path)
     assert torch.equal(train.predict(q, test), train.predict(again, test))
 
 
@@ -215,29 +216,30 @@ def test_course_inputs_measure_structured_and_unstructured_pruning_against_the_u
 # ---------------------------------------------------------------- the stage
 def test_stage_runs_every_method_then_reuses_them(trained, monkeypatch, tmp_path):
     result, qp = trained
-    out = quantize.run(qp)
-    methods = [r["method"] for r in out.rows]
-    assert methods == ["fp32", "fp16", "bf16", "int8", "binaryconnect", "binaryconnect"]
-    for r in out.rows:
+    out = quantization.run(qp)
+    rows = out.rows()
+    assert [r["technique"] for r in rows] == ["baseline", "fp16", "bf16", "int8", "binaryconnect", "binaryconnect"]
+    assert all(r["parent"] == out.models[0].ref for r in rows[1:])  # every method starts from the start model
+    for r in rows:
         assert 0 <= r["test_acc"] <= 100 and r["size_bytes"] > 0 and r["score"] > 0
-    bc = [r for r in out.rows if r["method"] == "binaryconnect"]
-    assert all(r["export_exact"] for r in bc)
-    assert all(r["size_bytes"] * 8 < r["fp32_size_bytes"] for r in bc)
-    assert set(out.histories) == {r["label"] for r in bc}
-    speed = metrics.compare_speed(out.models, 8, rounds=1, repeats=1)
-    table = quantize.table(out, speed)
-    assert table.loc[out.rows[0]["label"], "speed-up vs FP32"] == 1.0
-    assert "INT8" in quantize.headline(table) and "BinaryConnect" in quantize.headline(table)
-    text = quantize.describe(table, out)
-    assert "**FP16** on this CPU" in text and "**INT8**" in text
+    assert all(r["reload_exact"] for r in rows[1:])  # each file gives the logits of the model that was made
+    bc = [r for r in rows if r["technique"] == "binaryconnect"]
+    assert all(r["size_bytes"] * 8 < rows[0]["size_bytes"] for r in bc)
+    assert set(quantization.bc_histories(out)) == {r["label"] for r in bc}
+    speed = metrics.compare_speed(out.inference_models(), 8, rounds=1, repeats=1)
+    table = steps.table(out, speed)
+    assert table.loc[rows[0]["label"], steps.SPEEDUP] == 1.0
+    assert "INT8" in quantization.headline(table) and "BinaryConnect" in quantization.headline(table)
+    text = quantization.describe(table, out)
+    assert "**FP16** on this CPU" in text and "**INT8 (x86" in text
     assert ("under CUDA autocast" in text) == torch.cuda.is_available()  # FP32 weights under autocast: CUDA only
 
     # `make bench` finds every run of this baseline in the store and times it beside the baseline
     bp = params.validate({"baseline": "params/smoke.yaml", "run_root": qp["run_root"], "rounds": 1,
                           "measure_batch_size": 8}, "bench")
     inference = bench.inference(bp)
-    assert set(inference) == {r["label"] for r in out.rows}
-    assert inference[out.rows[0]["label"]]["speedup_vs_fp32"] == 1.0
+    assert set(inference) == {r["label"] for r in rows[1:]} | {"FP32 (baseline)"}
+    assert inference["FP32 (baseline)"]["speedup_vs_fp32"] == 1.0
     assert bench.inference(dict(bp, run_root=str(tmp_path / "empty"))) is None
 
     def no_training(*a, **k):
@@ -245,15 +247,15 @@ def test_stage_runs_every_method_then_reuses_them(trained, monkeypatch, tmp_path
 
     monkeypatch.setattr(train, "fit", no_training)
     monkeypatch.setattr(quantize, "int8", no_training)
-    again = quantize.run(qp)
-    assert [r["test_acc"] for r in again.rows] == [r["test_acc"] for r in out.rows]
+    again = quantization.run(qp)
+    assert [r["test_acc"] for r in again.rows()] == [r["test_acc"] for r in rows]
 
 
 def test_stage_without_its_baseline_says_which_notebook_produces_it(tmp_path):
     qp = params.load(PARAMS / "quantization_smoke.yaml", "quantization")
     qp.update(run_root=str(tmp_path / "empty"))
     with pytest.raises(train.UpstreamMissing) as e:
-        quantize.run(qp)
+        quantization.run(qp)
     msg = str(e.value)
     assert "papermill notebooks/01_baseline.ipynb" in msg and "params/smoke.yaml" in msg and "run_root" in msg
     assert not (tmp_path / "empty").exists()  # a lookup creates nothing

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from resnet_lab import models, packed, params, prune, runs, train
+from resnet_lab import models, packed, params, runs, train
+from resnet_lab.stages import pruning
 from resnet_lab.runs import RunStoreError
 
 from conftest import PARAMS, ROOT
@@ -118,7 +119,7 @@ def test_a_corrupt_metrics_file_is_refused_not_taken_as_a_result(trained):
 @pytest.mark.parametrize("damage", ["truncated", "random bytes", "other architecture", "pickled code"])
 def test_a_damaged_or_foreign_packed_model_is_refused(tmp_path, damage):
     model = models.resnet18(4)
-    path = prune.save(model, tmp_path / "packed.pt", models.arch_of(model))
+    path = packed.save_model(model, tmp_path / "packed.pt", models.arch_of(model))
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[:-200])
     elif damage == "random bytes":
@@ -128,7 +129,7 @@ def test_a_damaged_or_foreign_packed_model_is_refused(tmp_path, damage):
     else:  # a complete, valid file whose arch record runs a shell command when unpickled
         torch.save({**packed.pack(model.state_dict(), models.arch_of(model)), "arch": _Evil(tmp_path / "pwned")}, path)
     with pytest.raises(RunStoreError, match="packed.pt"):
-        prune.load_file(path)
+        packed.load_model(path)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -151,7 +152,7 @@ def test_report_of_a_stage_without_its_upstream_names_the_command(tmp_path):
     p = params.load(PARAMS / "pruning_smoke.yaml", "pruning")
     p.update(run_root=str(tmp_path / "empty"))
     with pytest.raises(train.UpstreamMissing, match="papermill notebooks/01_baseline.ipynb out.ipynb -f params/smoke.yaml"):
-        prune.run(p)
+        pruning.run(p)
     assert not (tmp_path / "empty").exists()
 
 

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from resnet_lab import factorize, params, prune, quantize, runs, summary, train
+from resnet_lab import params, runs, summary, train
+from resnet_lab.stages import factorization, pruning, quantization
 
 from conftest import PARAMS
 
@@ -25,10 +26,12 @@ def store(tmp_path_factory):
     bp = params.load(PARAMS / "smoke.yaml", "baseline")
     bp.update(run_root=str(root), progress=False)
     train.baseline(bp)
-    quantize.run(_stage_params("quantization_smoke.yaml", "quantization", root, methods=["fp16", "int8"]))
-    prune.run(_stage_params("pruning_smoke.yaml", "pruning", root, epochs=1, sensitivity_amounts=[], curve_amounts=[],
-                            variants=[{"method": "l1", "scope": "global"}, {"method": "ln_structured", "scope": "layer"}]))
-    factorize.run(_stage_params("svd_smoke.yaml", "svd", root, ranks=[0.5], scratch_ranks=[], epochs=1))
+    quantization.run(_stage_params("quantization_smoke.yaml", "quantization", root, methods=["fp16", "int8"]))
+    pruning.run(_stage_params("pruning_smoke.yaml", "pruning", root, epochs=1, sensitivity_amounts=[], curve_amounts=[],
+                              variants=[{"method": "l1", "scope": "global"},
+                                        {"method": "ln_structured", "scope": "layer",
+                                         "then": [{"int8": {"calibration_images": 128}}]}]))
+    factorization.run(_stage_params("svd_smoke.yaml", "svd", root, ranks=[0.5], variants=[], then=[], scratch_ranks=[], epochs=1))
     return root
 
 
@@ -41,8 +44,14 @@ def _summarize(root, **changes):
 def test_every_model_is_rebuilt_and_measured_again_matching_what_its_stage_stored(store):
     s = _summarize(store)
     df = summary.table(s)
-    assert list(df["notebook"]) == ["01_baseline", "03_quantization", "03_quantization", "04_pruning", "04_pruning", "05_svd"]
+    assert list(df["group"]) == ["baseline", "quantization", "quantization", "pruning", "pruning", "factorization",
+                                 "combination"]
+    assert list(df["technique"]) == ["baseline", "fp16", "int8", "prune", "prune", "svd", "int8"]
     assert df.index[0] == "baseline (FP32, width 8)" and df.iloc[0][summary.DELTA] == 0
+    chain = "L1 structured, layer, 50% of channels → INT8 (x86, 128 calibration images)"
+    assert df.loc[chain, "parent"] == "L1 structured, layer, 50% of channels" and df.loc[chain, "links"] == 2
+    # a chain below pruning is scored against the unpruned baseline, like the pruned model itself
+    assert df.loc[chain, "course score"] < df.loc["L1 structured, layer, 50% of channels", "course score"] / 3
     for column in ("recipe", summary.ACC, summary.DELTA, "parameters", "nonzero parameters", summary.MACS, summary.SIZE,
                    s.latency_col, s.throughput_col, "course score", "MicroNet score"):
         assert df[column].notna().all(), column
@@ -52,6 +61,8 @@ def test_every_model_is_rebuilt_and_measured_again_matching_what_its_stage_store
         stored = run.metrics
         assert row[summary.ACC] == pytest.approx(stored["test_acc"], abs=1e-6), row["model"]  # the saved file reproduces it
         assert row[summary.SIZE] * 1e3 == run.path(stored.get("artifact", "model.pt")).stat().st_size
+        if row["stage"] != "baseline":
+            assert row["stage"] == stored["technique"] and stored["reload_exact"], row["model"]
         if "score" in stored:  # the stages and the summary score a model by one rule
             assert row["course score"] == pytest.approx(stored["score"], rel=1e-9), row["model"]
         if "micronet_score" in stored:
@@ -73,11 +84,12 @@ def test_damaged_unfinished_and_foreign_runs_are_listed_not_dropped(store, tmp_p
     root = tmp_path / "runs"
     shutil.copytree(store, root)
     st = runs.RunStore(root)
-    fp16, int8 = st.runs("fp16")[0], st.runs("int8")[0]
+    fp16 = st.runs("fp16")[0]
+    [int8] = [r for r in st.runs("int8") if r.metrics["links"] == 1]
     [svd] = st.runs("svd")
     fp16.path("metrics.json").write_text("{ not json")                      # corrupt metrics
     int8.path("metrics.json").unlink()                                     # interrupted before it finished
-    svd.path("model.pt").write_bytes(svd.path("model.pt").read_bytes()[:100])  # damaged weights
+    svd.path("packed.pt").write_bytes(svd.path("packed.pt").read_bytes()[:100])  # damaged weights
     [structured] = [r for r in st.runs("prune") if r.metrics["method"] == "ln_structured"]
     m = structured.metrics
     structured.write_json("metrics.json", {**m, "test_acc": m["test_acc"] + 5})  # a stored figure its model does not give
@@ -97,7 +109,7 @@ def test_damaged_unfinished_and_foreign_runs_are_listed_not_dropped(store, tmp_p
     status = {e["run"].split("runs/", 1)[1]: e["status"] for e in s.runs}
     assert status[f"fp16/{fp16.key}"].startswith("unusable") and "not valid JSON" in status[f"fp16/{fp16.key}"]
     assert status[f"int8/{int8.key}"].startswith("unfinished")
-    assert status[f"svd/{svd.key}"].startswith("unusable") and "model.pt" in status[f"svd/{svd.key}"]
+    assert status[f"svd/{svd.key}"].startswith("unusable") and "packed.pt" in status[f"svd/{svd.key}"]
     assert status["prune/0rphan000000"].startswith("unusable") and "gone00000000" in status["prune/0rphan000000"]
     assert status["baseline/0ther0000000"].startswith("not compared: made on other data")
     assert status["mystery/abc"].startswith("not read")
@@ -105,20 +117,21 @@ def test_damaged_unfinished_and_foreign_runs_are_listed_not_dropped(store, tmp_p
     [wrong] = summary.mismatches(s)
     assert wrong.startswith("L1 structured, layer, 50% of channels: stored")
     df = summary.table(s)  # the usable models are all still there
-    assert set(df.index) == {"baseline (FP32, width 8)", "L1 unstructured, global, 50%", "L1 structured, layer, 50% of channels"}
+    assert set(df.index) == {"baseline (FP32, width 8)", "L1 unstructured, global, 50%", "L1 structured, layer, 50% of channels",
+                             "L1 structured, layer, 50% of channels → INT8 (x86, 128 calibration images)"}
     assert "unusable runs listed" in summary.headline(s, df, 2.0)
 
 
 def _frame():
     """Hand-made models: the baseline first; costs and accuracies chosen so the fronts are known."""
-    rows = {"base": ("01_baseline", 73.0, 1000, 100, 2.0, 500, 0.25),
-            "q_small": ("03_quantization", 73.2, 250, 100, 1.5, 900, 0.06),
-            "q_slow": ("03_quantization", 73.0, 500, 100, 8.0, 60, 0.12),
-            "p_fast": ("04_pruning", 72.0, 600, 40, 1.0, 1000, 0.05),
-            "p_bad": ("04_pruning", 60.0, 100, 40, 1.0, 1000, 0.04),
-            "s_mid": ("05_svd", 72.5, 400, 60, 2.5, 700, 0.10),
-            "s_tie": ("05_svd", 72.5, 400, 60, 2.5, 700, 0.10)}
-    df = pd.DataFrame.from_dict(rows, orient="index", columns=["notebook", summary.ACC, summary.SIZE, summary.MACS, "lat",
+    rows = {"base": ("baseline", 73.0, 1000, 100, 2.0, 500, 0.25),
+            "q_small": ("quantization", 73.2, 250, 100, 1.5, 900, 0.06),
+            "q_slow": ("quantization", 73.0, 500, 100, 8.0, 60, 0.12),
+            "p_fast": ("pruning", 72.0, 600, 40, 1.0, 1000, 0.05),
+            "p_bad": ("pruning", 60.0, 100, 40, 1.0, 1000, 0.04),
+            "s_mid": ("factorization", 72.5, 400, 60, 2.5, 700, 0.10),
+            "s_tie": ("factorization", 72.5, 400, 60, 2.5, 700, 0.10)}
+    df = pd.DataFrame.from_dict(rows, orient="index", columns=["group", summary.ACC, summary.SIZE, summary.MACS, "lat",
                                                                 "thr", "course score"])
     df[summary.DELTA] = df[summary.ACC] - 73.0
     df["MicroNet score"] = df["course score"]
@@ -146,13 +159,14 @@ def test_best_per_criterion_over_all_and_within_the_allowed_drop():
     assert b.loc["CPU latency", (within, "model")] == "p_fast" and b.loc["CPU throughput", (within, "value")] == 1000
 
 
-def test_each_notebook_is_checked_for_a_model_that_beats_the_baseline():
+def test_each_group_is_checked_for_a_model_that_beats_the_baseline():
     s, df = _frame()
     beats = summary.beats_baseline(s, df)
-    assert beats.loc["03_quantization", "smaller"] == 2 and beats.loc["03_quantization", "lower latency"] == 1
-    assert beats.loc["03_quantization", "smallest"].startswith("q_small: 250 KB (4.00× smaller, +0.20 pt)")
-    assert beats.loc["04_pruning", "lower latency"] == 2 and beats.loc["05_svd", "lower latency"] == 0
-    assert beats.loc["05_svd", "lowest latency"] == "none" and beats.loc["05_svd", "smaller"] == 2
+    assert beats.loc["quantization", "smaller"] == 2 and beats.loc["quantization", "lower latency"] == 1
+    assert beats.loc["quantization", "smallest"].startswith("q_small: 250 KB (4.00× smaller, +0.20 pt)")
+    assert beats.loc["pruning", "lower latency"] == 2 and beats.loc["factorization", "lower latency"] == 0
+    assert beats.loc["factorization", "lowest latency"] == "none" and beats.loc["factorization", "smaller"] == 2
+    assert beats.loc["combination", "models"] == 0
 
 
 @pytest.mark.parametrize("source, accuracies, expect", [

@@ -64,7 +64,7 @@ def test_baseline_stage_stores_and_then_reuses_its_run(smoke):
     first = train.baseline(smoke)
     assert not first.reused and first.run.done
     names = {f.name for f in first.run.dir.iterdir()}
-    assert {"params.yaml", "model.pt", "history.json", "predictions.json", "metrics.json"} <= names
+    assert {"params.yaml", "model.pt", "history.json", "predictions.npz", "metrics.json"} <= names
     assert "checkpoint.pt" not in names and not any(n.endswith(".tmp") for n in names)
     m = first.metrics
     assert m["params"] == sum(p.numel() for p in first.model.parameters())

@@ -1,0 +1,130 @@
+"""05_svd: truncated-SVD factorization registered as the `svd` step; the notebook's run and tables.
+
+Every variant × rank (× seed) of the params is one `svd` link from the baseline (fine-tuned after the
+factorization), followed by its `then` chain; `scratch_ranks` also train the same factorized
+architectures from random weights, as the old scripts did.
+"""
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import factorize, models, params, registry, steps
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+STAGE = "svd"
+
+
+@functools.cache
+def _stage_defaults() -> dict[str, Any]:
+    """05's default params file: where an `svd` link's settings come from when a chain gives none."""
+    return params.load(params.PARAMS_DIR / params.DEFAULT_FILES[STAGE], STAGE)
+
+
+def link_settings(v: dict[str, Any], rank: float, p: dict[str, Any], mode: str = "posttraining") -> dict[str, Any]:
+    """An `svd` link's settings from a factorization recipe `v` (a variant, or 05's top-level keys) at `rank`;
+    the fine-tuning recipe is the variant's epochs and lr (from scratch: `scratch_epochs`) and the stage's other keys."""
+    return {**{k: v[k] for k in params.SVD_KEYS}, "rank": rank, "mode": mode, **{k: p[k] for k in params.FINETUNE},
+            "epochs": v["epochs"] if mode == "posttraining" else p["scratch_epochs"], "lr": v["lr"]}
+
+
+def _defaults() -> dict[str, Any]:
+    """An `svd` link's settings where a chain gives none: 05's default rank rule (its fine-tuning recipe comes from
+    the stage the chain is in)."""
+    p = _stage_defaults()
+    return {**{k: p[k] for k in params.SVD_KEYS}, "mode": "posttraining"}
+
+
+def _check(where: str, s: dict[str, Any]) -> None:
+    params.check_rank_values(where, s["rank_rule"], [s["rank"]])
+
+
+def name(s: dict[str, Any]) -> str:
+    rule, value = s["rank_rule"], s["rank"]
+    what = {"fixed": f"rank {value:g}", "fraction": f"{value:g} of full rank", "energy": f"{value:.0%} energy"}[rule]
+    return f"SVD {what}" + (" (from scratch)" if s["mode"] == "scratch" else "")
+
+
+def _make(step: steps.Step) -> steps.Made:
+    s = step.settings
+    # ranks are chosen on the trained weights in both modes, so both train the same architecture
+    model, ranks, skipped = factorize.svd(step.parent.model, s["rank_rule"], s["rank"], s["include_stem"],
+                                          s["include_1x1"], s["rank_multiple"])
+    arch = factorize.arch(step.parent.row["arch"], model, ranks)
+    if s["mode"] == "scratch":
+        torch.manual_seed(s["seed"])
+        model = models.build(arch)
+    before = step.accuracy(model)
+    history = step.finetune(model)
+    return steps.Made(model, arch, before, history, {"factorized": ranks, "skipped": skipped})
+
+
+registry.register(registry.Technique(
+    "svd", "05_svd", "factorization", describe=name, make=_make, defaults=_defaults, check=_check, trains=True))
+
+
+# ---------------------------------------------------------------- the 05 stage
+def run(p: dict[str, Any]) -> steps.Result:
+    """Factorize the baseline of `p['baseline']` at every rank of every variant and fine-tune it, apply each
+    variant's `then` chain; train the architectures of `p['scratch_ranks']` from scratch; each model is a run in
+    the store, reused when finished."""
+    ctx = steps.Context(p)
+    result = steps.Result(ctx, [ctx.root])
+    for v in p["variants"]:  # refuse a bad chain before any work
+        ctx.links(v["then"])
+    for v in p["variants"]:
+        for rank in v["ranks"]:
+            for seed in v["seeds"] or [p["seed"]]:
+                made = ctx.apply(ctx.root, ctx.link("svd", link_settings(v, rank, p), seed))
+                result.add(made)
+                for chain in ctx.links(v["then"]):
+                    result.add(*ctx.chain(made, chain))
+    for rank in p["scratch_ranks"]:
+        top = {k: p[k] for k in params.SVD_VARIANT}
+        result.add(ctx.apply(ctx.root, ctx.link("svd", link_settings(top, rank, p, "scratch"))))
+    return result
+
+
+COLUMNS = ["layers factorized", "left alone", steps.PARAMS, "compression (× fewer params)", steps.MACS,
+           steps.MAC_REDUCTION, steps.SIZE, steps.BEFORE, steps.ACC, steps.VAL, steps.DELTA, steps.THROUGHPUT,
+           steps.SPEEDUP, steps.SPEEDUP_PER_MAC, steps.TRAIN_TIME]
+
+
+def table(result: steps.Result, speed: dict[str, dict] | None = None) -> pd.DataFrame:
+    """`steps.table` with the factorization's own columns: layers factorized and left alone, compression, mode."""
+    df = steps.table(result, speed)
+    rows = result.rows()
+    df["layers factorized"] = [len(r.get("arch", {}).get("factorized", {})) for r in rows]
+    df["left alone"] = [len(r.get("skipped", [])) for r in rows]
+    df["compression (× fewer params)"] = result.ctx.root.row["params"] / df[steps.PARAMS]
+    df["mode"] = [r["settings"]["mode"] if r["technique"] == "svd" else None for r in rows]
+    return df
+
+
+def left_alone(result: steps.Result) -> str:
+    """Which layers each model left unfactorized because the pair would not have saved parameters."""
+    lines = [f"**{name}**: {', '.join(f'`{n}`' for n in r['skipped'])}"
+             for name, r in zip(result.names(), result.rows()) if r.get("skipped")]
+    if not lines:
+        return "Every candidate layer was factorized."
+    return ("Left alone (at that rank the two convolutions would hold at least as many parameters as the "
+            "original):  \n" + "  \n".join(lines))
+
+
+def headline(table: pd.DataFrame, max_loss: float = 3.0) -> str:
+    """The most compressed fine-tuned factorized model within `max_loss` points of the baseline."""
+    tuned = table[(table["technique"] == "svd") & (table["mode"] == "posttraining")]
+    ok = tuned[tuned[steps.DELTA] >= -max_loss]
+    pick = ok if len(ok) else tuned
+    if not len(pick):
+        return "no factorized model"
+    name = pick["compression (× fewer params)"].idxmax()
+    r = pick.loc[name]
+    speed = (f", {r[steps.SPEEDUP]:.2f}× CPU throughput ({r[steps.SPEEDUP_PER_MAC]:.2f} of the "
+             f"{r[steps.MAC_REDUCTION]:.2f}× MAC reduction)") if steps.SPEEDUP in r else ""
+    return (f"{name}: {r['compression (× fewer params)']:.1f}× fewer parameters, test {r[steps.ACC]:.1f}% "
+            f"({r[steps.DELTA]:+.1f} pt after fine-tuning){speed}")

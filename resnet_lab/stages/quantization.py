@@ -1,0 +1,186 @@
+"""03_quantization: FP16/BF16, INT8 and BinaryConnect registered as steps; the notebook's run and tables.
+
+The methods apply to the start model: the baseline, or any model a chain of steps from it makes
+(`start` in params, e.g. the structured-pruned model).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import data as data_mod
+from .. import metrics, models, params, quantize, registry, steps, train
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+STAGE = "quantization"
+
+
+@functools.cache
+def _stage_defaults() -> dict[str, Any]:
+    """03's default params file: where a link's settings come from when a chain gives none."""
+    return params.load(params.PARAMS_DIR / params.DEFAULT_FILES[STAGE], STAGE)
+
+
+def recipe(p: dict[str, Any]) -> dict[str, Any]:
+    return {k: p[k] for k in params.FINETUNE}
+
+
+# ---------------------------------------------------------------- FP16 / BF16
+def _make_half(dtype: torch.dtype):
+    def make(step: steps.Step) -> steps.Made:
+        extra = {}
+        device = step.ctx.device
+        if device.type == "cuda":  # also the float32 weights under autocast, as training ran
+            test = data_mod.Batches(step.ctx.dataset.test, step.ctx.p["eval_batch_size"], device)
+            parent = step.parent.model.to(device)
+            extra["autocast_test_acc"] = train.evaluate(parent, test, dtype, step.ctx.bp["eval_flip"])["acc"]
+            parent.to("cpu")
+        return steps.Made(quantize.half(step.parent.model, dtype), quantize.half_arch(step.parent.row["arch"], dtype),
+                          extra=extra)
+    return make
+
+
+for _kind, _dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+    registry.register(registry.Technique(
+        _kind, "03_quantization", "quantization", describe=lambda s, k=_kind: k.upper(), make=_make_half(_dtype),
+        terminal=True))
+
+
+# ---------------------------------------------------------------- INT8
+def _make_int8(step: steps.Step) -> steps.Made:
+    s, train_split = step.settings, step.ctx.dataset.train
+    n = s["calibration_images"]
+    calibration = data_mod.Split(train_split.images[:n], train_split.labels[:n])
+    model = quantize.int8(step.parent.model, data_mod.Batches(calibration, 128, "cpu"), s["backend"])
+    return steps.Made(model, quantize.int8_arch(step.parent.row["arch"], s["backend"]),
+                      extra={"backend": s["backend"], "calibration_images": len(calibration)})
+
+
+def _int8_defaults() -> dict[str, Any]:
+    p = _stage_defaults()
+    return {"backend": p["int8_backend"], "calibration_images": p["calibration_images"]}
+
+
+registry.register(registry.Technique(
+    "int8", "03_quantization", "quantization",
+    describe=lambda s: f"INT8 ({s['backend']}, {s['calibration_images']} calibration images)", make=_make_int8,
+    save=quantize.save_int8, loader=lambda run: quantize.load_int8(run.path("int8.pt")), artifact="int8.pt",
+    defaults=_int8_defaults, terminal=True, cpu_only=True))
+
+
+# ---------------------------------------------------------------- BinaryConnect
+def bc_name(s: dict[str, Any]) -> str:
+    extras = [s["mode"], f"{s['layers']} layers"] + (["α"] if s["scale"] else []) + (["from scratch"] if s["init"] == "scratch" else [])
+    return f"BinaryConnect ({', '.join(extras)})"
+
+
+def _make_bc(step: steps.Step) -> steps.Made:
+    s, arch = step.settings, step.parent.row["arch"]
+    model = copy.deepcopy(step.parent.model) if s["init"] == "pretrained" else models.build(arch)
+    names = quantize.binarize(model, s["layers"], s["mode"], s["scale"], keep_zeros=True)  # a pruned parent's zeros stay
+    before = step.accuracy(model)
+    history = step.finetune(model, after_step=lambda: quantize.clip_(model))
+    return steps.Made(model, arch, before, history, {"binarized_layers": len(names)})
+
+
+def _bc_defaults() -> dict[str, Any]:
+    """A `binaryconnect` link's settings where a chain gives none (its fine-tuning recipe comes from the stage the
+    chain is in)."""
+    return {k: f.default for k, f in params.BC_KEYS.items()}
+
+
+registry.register(registry.Technique(
+    "binaryconnect", "03_quantization", "quantization", describe=bc_name, make=_make_bc, save=quantize.save_binary,
+    defaults=_bc_defaults, trains=True))
+
+
+# ---------------------------------------------------------------- the 03 stage
+def run(p: dict[str, Any]) -> steps.Result:
+    """Apply every method of `p['methods']` to the start model (the baseline, or the end of `p['start']`);
+    each is a run in the store (reused when finished), reloaded from its saved file before it is measured."""
+    ctx = steps.Context(p)
+    [start_links] = _one_chain(ctx, p)
+    chain = ctx.chain(ctx.root, start_links)
+    start = chain[-1] if chain else ctx.root
+    result = steps.Result(ctx, [start])
+    for method in p["methods"]:
+        if method in ("fp16", "bf16"):
+            links = [ctx.link(method, {})]
+        elif method == "int8":
+            links = [ctx.link("int8", {"backend": p["int8_backend"], "calibration_images": p["calibration_images"]})]
+        else:
+            links = [ctx.link("binaryconnect", {**{k: v[k] for k in params.BC_KEYS}, **recipe(p),
+                                                **{k: v[k] for k in ("epochs", "lr") if k in v}}, seed)
+                     for v in p["binaryconnect"] for seed in v.get("seeds") or [p["seed"]]]
+        for link in links:
+            result.add(ctx.apply(start, link))
+    return result
+
+
+def _one_chain(ctx: steps.Context, p: dict[str, Any]) -> list[list[steps.Link]]:
+    chains = ctx.links(p["start"], "start")
+    if len(chains) != 1:
+        raise params.ParamsError(f"'start' must name one model, but its seeds make {len(chains)}; give one seed")
+    return chains
+
+
+COLUMNS = [steps.BITS, steps.ACC, steps.VAL, steps.DELTA_PARENT, steps.DELTA, steps.PARAMS, steps.MACS, steps.SIZE,
+           steps.SIZE_RATIO, steps.THROUGHPUT, steps.SPEEDUP, steps.COURSE, steps.MICRONET]
+
+
+def bc_histories(result: steps.Result) -> dict[str, list[dict]]:
+    """The training history of each BinaryConnect model, by its name."""
+    return {name: m.history for name, m in zip(result.names(), result.models) if m.row["technique"] == "binaryconnect"}
+
+
+def bc_table(result: steps.Result) -> pd.DataFrame:
+    """BinaryConnect details: layers binarized, accuracy before/after training, export check and size."""
+    import pandas as pd
+
+    parents = {m.ref: m.row for m in result.models}
+    rows = [{"variant": name, "binarized layers": m.row["binarized_layers"],
+             "test accuracy before training (%)": m.row["test_acc_before_finetune"], "after (%)": m.row["test_acc"],
+             "validation accuracy (%)": m.row["val_acc"], "training time (s)": m.row["train_time_s"],
+             "packed file (KB)": m.row["size_bytes"] / 1e3,
+             "parent's file / packed file": parents[m.row["parent"]]["size_bytes"] / m.row["size_bytes"],
+             "rebuilt model gives identical logits": m.row["reload_exact"]}
+            for name, m in zip(result.names(), result.models) if m.row["technique"] == "binaryconnect"]
+    return pd.DataFrame(rows).set_index("variant")
+
+
+def describe(table: pd.DataFrame, result: steps.Result) -> str:
+    """What half precision and INT8 cost on this CPU (and under CUDA autocast), in words, from the measured table."""
+    if steps.SPEEDUP not in table:
+        return ""
+    flags = metrics.cpu_flags()
+    lines = [f"**{name}** under CUDA autocast (float32 weights): test accuracy {m.row['autocast_test_acc']:.2f}%."
+             for name, m in zip(result.names(), result.models) if "autocast_test_acc" in m.row]
+    for technique, flag in (("fp16", "avx512_fp16"), ("bf16", "avx512_bf16"), ("int8", "avx512_vnni")):
+        for name, r in table[table["technique"] == technique].iterrows():
+            native = "has" if flag in flags or "amx_" + technique in flags else "lacks"
+            lines.append(f"**{name}** on this CPU ({native} `{flag}`): {r[steps.SPEEDUP]:.2f}× the start model's "
+                         f"throughput, accuracy {r[steps.DELTA_PARENT]:+.2f} pt, file {r[steps.SIZE_RATIO]:.2f}× the "
+                         f"baseline's size.")
+    lines.append("BinaryConnect's rebuilt model runs float32 convolutions with ±1 (or ±α) weights: without "
+                 "binary kernels its gain is the file size, not speed.")
+    return "  \n".join(lines)
+
+
+def headline(table: pd.DataFrame) -> str:
+    parts = []
+    for technique in ("int8", "fp16", "bf16"):
+        for name, r in table[table["technique"] == technique].iterrows():
+            speed = f", {r[steps.SPEEDUP]:.1f}× CPU throughput" if steps.SPEEDUP in r else ""
+            parts.append(f"{name} {r[steps.DELTA_PARENT]:+.2f} pt{speed}")
+    bc = table[table["technique"] == "binaryconnect"]
+    if len(bc):
+        best = bc[steps.VAL].idxmax()  # chosen on validation
+        r = bc.loc[best]
+        parts.append(f"{best} {r[steps.ACC]:.1f}% ({r[steps.DELTA_PARENT]:+.1f} pt) in 1/{1 / r[steps.SIZE_RATIO]:.0f} "
+                     f"of the baseline's file")
+    return " · ".join(parts)

@@ -1,0 +1,383 @@
+"""One mechanism for every compression step, written once.
+
+A step takes a parent model run (the baseline, or any finished model run), applies a registered
+technique (`registry`), fine-tunes where the technique trains (one recipe merge, one device
+policy), evaluates with one protocol, and stores a child run whose identity includes the parent's
+run key. Lock → reuse, or compute → save → reload → measure → finish → collect: `Context.apply`.
+A chain (`then: [...]`, `start: [...]` in params) is a list of links; each link is such a step,
+its own run, reused when finished, and the model it makes is named by its lineage
+("L1 structured, global, 60% of channels → INT8 (x86, 1024 calibration images)").
+
+Every model's row carries fields (technique, family, parent, lineage, links, seed) that tables and
+headlines select by, and one set of column names (below) serves 03, 04, 05 and 06.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+from . import data as data_mod
+from . import metrics, models, registry, runs, train
+from . import params as params_mod
+
+if TYPE_CHECKING:  # tables are built on demand; pandas is imported there
+    import pandas as pd
+
+# ---------------------------------------------------------------- one set of column names (03–06)
+ACC = "test accuracy (%)"
+VAL = "validation accuracy (%)"
+DELTA = "Δ vs baseline (pt)"
+DELTA_PARENT = "Δ vs parent (pt)"
+BEFORE = "test acc. before fine-tuning (%)"
+BITS = "bits (weights / activations)"
+SPARSITY = "weight sparsity (%)"
+PARAMS = "parameters"
+NONZERO = "nonzero parameters"
+MACS = "MACs"
+SPARSE_MACS = "MACs over nonzero weights"
+MAC_REDUCTION = "MAC reduction (×)"
+SIZE = "size on disk (KB)"
+SIZE_RATIO = "size vs baseline (×)"
+SPEEDUP = "speed-up (×)"
+SPEEDUP_PER_MAC = "speed-up ÷ MAC reduction"
+COURSE = "course score"
+MICRONET = "MicroNet score"
+TRAIN_TIME = "fine-tuning time (s)"
+# fields: what rows are selected by (never by their display name)
+FIELDS = ["technique", "family", "parent", "lineage", "links", "seed"]
+
+
+EXACT_CHECK = 128  # test images on which a saved model must give its maker's logits bit for bit
+
+
+# ---------------------------------------------------------------- what a step is and makes
+@dataclass(frozen=True)
+class Link:
+    """One step of a chain: a technique's kind and its complete settings (what its run is keyed by)."""
+    kind: str
+    settings: dict[str, Any]
+
+
+@dataclass
+class Model:
+    """A finished model run: its stored row, its inference model (reloaded from the run's file, on the CPU,
+    float32 in and out) and its fine-tuning history."""
+    run: runs.Run
+    row: dict[str, Any]
+    model: nn.Module
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.row["label"]
+
+    @property
+    def ref(self) -> str:
+        """The run's place in the store, `stage/key` (what a child's `parent` field holds)."""
+        return f"{self.run.stage}/{self.run.key}"
+
+
+@dataclass
+class Made:
+    """What a technique's `make` computed: the model to save, its arch record, the test accuracy right after
+    the transform (before fine-tuning; None for a step that does not fine-tune), the fine-tuning history,
+    and fields of its own for the row."""
+    model: nn.Module
+    arch: dict
+    before: float | None = None
+    history: list[dict] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    """What a technique's `make` receives: the stage context, the parent model, the link's settings, its run."""
+    ctx: "Context"
+    parent: Model
+    settings: dict[str, Any]
+    run: runs.Run
+
+    def accuracy(self, model: nn.Module, split: str = "test") -> float:
+        """Accuracy (%) with the evaluation protocol, on the compute device (for 'before fine-tuning')."""
+        return self.ctx.evaluate_split(model, split)
+
+    def finetune(self, model: nn.Module, after_step: Callable[[], None] | None = None, epochs: int | None = None,
+                 checkpoint: str = "checkpoint.pt") -> list[dict]:
+        """Train `model` with the link's recipe (one merge for every technique: the baseline's params, then the
+        link's fine-tuning keys and seed); resumable from `checkpoint` in the run folder."""
+        recipe = {k: self.settings[k] for k in params_mod.FINETUNE}
+        if epochs is not None:
+            recipe["epochs"] = epochs
+        p = {**self.ctx.bp, **recipe, "seed": self.settings["seed"], "device": self.ctx.p["device"],
+             "progress": self.ctx.p["progress"]}
+        return train.fit(model, self.ctx.dataset, p, checkpoint=self.run.path(checkpoint), after_step=after_step)
+
+
+@dataclass
+class Result:
+    """A stage's models: the reference (the baseline, or 03's start model) first, then each model made, once."""
+    ctx: "Context"
+    models: list[Model]
+    extras: dict[str, Any] = field(default_factory=dict)  # stage analyses (sensitivity, curves)
+
+    @property
+    def baseline(self) -> train.BaselineResult:
+        return self.ctx.base
+
+    def add(self, *made: Model) -> None:
+        seen = {m.ref for m in self.models}
+        self.models += [m for m in made if m.ref not in seen and not seen.add(m.ref)]
+
+    def names(self) -> list[str]:
+        """Each model's name in tables: its lineage, with its seed (or run key) where two share a lineage."""
+        out = []
+        for m in self.models:
+            twins = [o for o in self.models if o.name == m.name]
+            if len(twins) == 1:
+                out.append(m.name)
+            elif len({o.row.get("seed") for o in twins}) == len(twins):
+                out.append(f"{m.name}, seed {m.row.get('seed')}")
+            else:
+                out.append(f"{m.name} [{m.run.key}]")
+        return out
+
+    def inference_models(self) -> dict[str, nn.Module]:
+        return dict(zip(self.names(), (m.model for m in self.models)))
+
+    def histories(self) -> dict[str, list[dict]]:
+        """The fine-tuning (or training) history of every model made here, by name (not the reference's)."""
+        return {n: m.history for n, m in zip(self.names()[1:], self.models[1:]) if m.history}
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [m.row for m in self.models]
+
+    def reads(self) -> list[str]:
+        """The run folders this result was read from (the report's up-to-date check watches them)."""
+        return list(dict.fromkeys(self.ctx.read))
+
+
+# ---------------------------------------------------------------- the stage context
+class Context:
+    """What every step of a stage shares: its params, the baseline (looked up, never trained here), the run
+    store and the compute device."""
+
+    def __init__(self, p: dict[str, Any]):
+        self.p = p
+        self.base, self.bp = train.trained_baseline(p["baseline"], p)
+        self.dataset = self.base.dataset
+        self.store = runs.RunStore(p["run_root"])
+        self.device = train.pick_device(p["device"])
+        self.root = self._root()
+        self.read: list[str] = [self.root.ref]  # every run read or made, for the report's up-to-date check
+
+    # -- one evaluation protocol, one device policy
+    def eval_device(self, cpu_only: bool = False) -> torch.device:
+        """The compute device, except for a model whose kernels exist only on the CPU (INT8)."""
+        return torch.device("cpu") if cpu_only else self.device
+
+    def predict(self, model: nn.Module, split: str, cpu_only: bool = False, flip: bool | None = None) -> torch.Tensor:
+        """Logits of every image of a split, with the baseline's protocol (test-time flip if it used it; `flip`
+        overrides it for a relative measure such as the sensitivity analysis)."""
+        flip = self.bp["eval_flip"] if flip is None else flip
+        return train.predict_split(model, getattr(self.dataset, split), self.p["eval_batch_size"], flip,
+                                   self.eval_device(cpu_only))
+
+    def evaluate_split(self, model: nn.Module, split: str = "test", cpu_only: bool = False,
+                       flip: bool | None = None) -> float:
+        """Accuracy (%) on one split with the protocol (see `predict`)."""
+        labels = getattr(self.dataset, split).labels
+        return train.score(self.predict(model, split, cpu_only, flip), labels)["acc"] if len(labels) else float("nan")
+
+    def evaluate(self, model: nn.Module, cpu_only: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Test and validation accuracy and loss, and the logits of every image of both splits."""
+        out, logits = {}, {}
+        for split in ("test", "val"):
+            labels = getattr(self.dataset, split).labels
+            if not len(labels):
+                out[f"{split}_acc"] = out[f"{split}_loss"] = None
+                continue
+            logits[split] = self.predict(model, split, cpu_only)
+            r = train.score(logits[split], labels)
+            out[f"{split}_acc"], out[f"{split}_loss"] = r["acc"], r["loss"]
+        return out, logits
+
+    # -- the root of every chain
+    def _root(self) -> Model:
+        base = self.base
+        model = base.model.eval()
+        row = {"label": registry.get("baseline").describe({}), "link": "baseline (FP32)", "technique": "baseline",
+               "family": "baseline", "parent": None, "lineage": [], "links": 0, "seed": self.bp["seed"],
+               "baseline": base.run.key, "arch": models.arch_of(model), "pruned": False,
+               "test_acc": base.metrics["test_acc"], "val_acc": base.metrics.get("val_acc"),
+               "test_acc_before_finetune": None, "size_bytes": base.run.path("model.pt").stat().st_size,
+               "artifact": "model.pt", "train_time_s": base.metrics.get("train_time_s"), "run": str(base.run),
+               **measure(model, None, model)}
+        return Model(base.run, row, model, base.history)
+
+    # -- chains from params
+    def links(self, chain: list[dict[str, dict]], where: str = "then") -> list[list[Link]]:
+        """Concrete chains of links for a validated chain ([{kind: {settings given}}]): each link's settings
+        completed by `link_settings`, checked; a link with `seeds` gives one chain per seed. Refused
+        (ParamsError) before any work when a link cannot follow the one before."""
+        chains: list[list[Link]] = [[]]
+        for i, item in enumerate(chain):
+            (kind, given), = item.items()
+            tech = registry.get(kind)
+            here = f"'{where}[{i}]' ({kind})"
+            if not tech.is_step:
+                raise params_mod.ParamsError(f"{here}: {kind} is not a compression step")
+            if tech.terminal and i < len(chain) - 1:
+                raise params_mod.ParamsError(f"{here}: its model is not transformed further, so it must be the last "
+                                             f"step of the chain")
+            settings = link_settings(kind, given, self.p)
+            tech.check(here, settings)
+            seeds = given.get("seeds") or [given.get("seed", self.p["seed"])]
+            chains = [c + [self.link(kind, settings, s)] for c in chains for s in (seeds if tech.trains else [None])]
+        return chains
+
+    def link(self, kind: str, settings: dict[str, Any], seed: int | None = None) -> Link:
+        """A link of technique `kind` with these settings; the seed belongs to it only if the technique trains."""
+        tech = registry.get(kind)
+        settings = tech.normalize(dict(settings))
+        if tech.trains:
+            settings["seed"] = self.p["seed"] if seed is None else seed
+        return Link(kind, settings)
+
+    def chain(self, start: Model, links: list[Link]) -> list[Model]:
+        """Apply `links` in order from `start`; every model of the chain (each its own run)."""
+        out = []
+        for link in links:
+            start = self.apply(start, link)
+            out.append(start)
+        return out
+
+    def cached(self, stage: str, identity: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """An analysis without a model (e.g. a sensitivity analysis) as a run of `stage`: its stored result, or
+        `compute()` stored now, under the run's lock. Keyed by `identity` plus the baseline and evaluation settings."""
+        run = self.store.run(stage, {"baseline": self.base.run.key, "eval_batch_size": self.p["eval_batch_size"],
+                                     "device": self.p["device"], **identity})
+        with run.lock():
+            if not (run.done and self.p["reuse"]):
+                run.finish(compute())
+            self.read.append(f"{run.stage}/{run.key}")
+            return run.metrics
+
+    # -- the step
+    def identity(self, parent: Model, link: Link) -> dict[str, Any]:
+        """What a step's run is keyed by: its parent run, the baseline it descends from, the link's settings,
+        and the evaluation settings."""
+        return {"parent": parent.ref, "baseline": self.base.run.key, "eval_batch_size": self.p["eval_batch_size"],
+                "device": self.p["device"], **link.settings}
+
+    def apply(self, parent: Model, link: Link) -> Model:
+        """The child run of `parent` for `link`: reused when finished, else computed now (under the run's lock,
+        so a second process waits and reuses it)."""
+        tech = registry.get(link.kind)
+        if registry.get(parent.row["technique"]).terminal:
+            raise params_mod.ParamsError(f"{parent.name} is not transformed further; {link.kind} cannot follow it")
+        run = self.store.run(link.kind, self.identity(parent, link))
+        with run.lock():
+            fresh = None
+            if not (run.done and self.p["reuse"]):
+                fresh = self._compute(tech, parent, link, run)
+            row = run.metrics
+            model = fresh if fresh is not None else tech.load(run)
+            self.read.append(f"{run.stage}/{run.key}")
+            return Model(run, row, model, run.read_json("history.json"))
+
+    def _compute(self, tech: registry.Technique, parent: Model, link: Link, run: runs.Run) -> nn.Module:
+        name = tech.describe(link.settings)
+        label = name if parent.row["technique"] == "baseline" else f"{parent.name} → {name}"
+        if self.p["progress"]:
+            print(f"{label}: computing into {run}", flush=True)
+        torch.manual_seed(link.settings.get("seed", self.p["seed"]))
+        made = tech.make(Step(self, parent, link.settings, run))
+        made.model.to("cpu", memory_format=torch.contiguous_format).eval()
+        tech.save(made.model, run.path(tech.artifact), made.arch)
+        model = tech.load(run)  # what is measured is what was saved
+        acc, logits = self.evaluate(model, tech.cpu_only)
+        # the file holds the model that was made: the same logits, bit for bit, on a batch of test images (on the
+        # CPU, in one memory layout: a layer that computes its weight on the fly, like BinaryConnect's α, rounds by
+        # layout; a batch, since half precision runs ~40 img/s in that layout on a CPU without fp16 arithmetic)
+        test = self.dataset.test
+        check = data_mod.Batches(data_mod.Split(test.images[:EXACT_CHECK], test.labels[:EXACT_CHECK]), EXACT_CHECK, "cpu")
+        exact = bool(torch.equal(train.predict(made.model, check), train.predict(model, check)))
+        pruned = parent.row["pruned"] or tech.prunes
+        row = {
+            "label": label, "link": name, "technique": link.kind, "family": tech.family, "parent": parent.ref,
+            "parent_label": parent.name, "lineage": parent.row["lineage"] + [link.kind], "links": parent.row["links"] + 1,
+            "seed": link.settings.get("seed"), "baseline": self.base.run.key, "settings": link.settings,
+            "arch": made.arch, "artifact": tech.artifact, "pruned": pruned, **acc,
+            "test_acc_before_finetune": made.before, "reload_exact": exact,
+            "size_bytes": run.path(tech.artifact).stat().st_size,
+            **measure(model, self.root.model if pruned else None, self.root.model),
+            "train_time_s": sum(r["train_time_s"] for r in made.history), "eval_device": str(self.eval_device(tech.cpu_only)),
+            "run": str(run), **made.extra}
+        run.write_json("history.json", made.history)
+        run.save_predictions({split: t.argmax(1) for split, t in logits.items()})
+        run.finish(row)
+        for f in run.dir.glob("checkpoint*.pt"):
+            f.unlink()
+        return model
+
+
+def link_settings(kind: str, given: dict[str, Any], p: dict[str, Any]) -> dict[str, Any]:
+    """A link's complete settings: the technique's own defaults (its notebook's default params file), then, for a
+    technique that fine-tunes, the stage's fine-tuning recipe (its top-level keys in `p`), then what the link
+    gives (its seed aside: see `Context.links`)."""
+    tech = registry.get(kind)
+    recipe = {k: p[k] for k in params_mod.FINETUNE} if tech.trains else {}
+    return {**tech.defaults(), **recipe, **{k: v for k, v in given.items() if k not in ("seed", "seeds")}}
+
+
+def measure(model: nn.Module, pruned_from: nn.Module | None, root: nn.Module) -> dict[str, Any]:
+    """Every count and score of a model, by one rule for every stage and the summary: parameters (nonzero),
+    MACs (dense and over nonzero weights), the course score with its measured inputs (against `pruned_from`,
+    the unpruned model, when the model descends from pruning), the MicroNet-style score, and the share of the
+    `root` model's conv/linear weights it no longer has (zeroed or removed), in total and per layer."""
+    return {"params": metrics.count_params(model), "nonzero_params": metrics.count_nonzero(model),
+            **metrics.count_macs(model), **metrics.course_inputs(model, pruned_from), **metrics.micronet(model),
+            **metrics.sparsity(model, root)}
+
+
+# ---------------------------------------------------------------- the shared table
+def table(result: Result, speed: dict[str, dict] | None = None) -> pd.DataFrame:
+    """One row per model of `result` (index: its name), the fields first, then every shared column; speed
+    columns from `metrics.compare_speed(result.inference_models(), …)` when given. A notebook shows the
+    columns that concern it."""
+    import pandas as pd
+
+    names = result.names()
+    base = result.ctx.root.row
+    parents = {m.ref: m.row for m in result.models}
+    rows = []
+    for name, m in zip(names, result.models):
+        r = m.row
+        parent = parents.get(r["parent"]) if r["parent"] else None
+        mac_reduction = base["macs"] / r["macs"]
+        row = {"model": name, **{k: r.get(k) for k in FIELDS},
+               BITS: f"{r['weight_bits']:.2f} / {r['act_bits']:.0f}", SPARSITY: 100 * r["weight_sparsity"],
+               PARAMS: r["params"], NONZERO: r["nonzero_params"], MACS: r["macs"], SPARSE_MACS: r["sparse_macs"],
+               MAC_REDUCTION: mac_reduction, SIZE: r["size_bytes"] / 1e3, SIZE_RATIO: r["size_bytes"] / base["size_bytes"],
+               BEFORE: r["test_acc_before_finetune"], ACC: r["test_acc"], VAL: r["val_acc"],
+               DELTA: r["test_acc"] - base["test_acc"],
+               DELTA_PARENT: r["test_acc"] - parent["test_acc"] if parent else None}
+        if speed:
+            row |= metrics.speed_columns(speed, name, names[0], mac_reduction)
+        row |= {COURSE: r["score"], MICRONET: r["micronet_score"], TRAIN_TIME: r.get("train_time_s")}
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("model")
+
+
+THROUGHPUT = "CPU throughput"  # stands for the throughput column (its name carries the batch size) in `shown`
+
+
+def shown(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """The columns a notebook shows, in its order; those absent (speed, when it was not measured) left out."""
+    picked = []
+    for c in columns:
+        picked += [d for d in df.columns if d.startswith(THROUGHPUT)] if c == THROUGHPUT else [c] if c in df.columns else []
+    return df[picked]

@@ -1,0 +1,196 @@
+"""The one step mechanism: chains of any registered techniques, runs keyed by their parent, the registry."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from resnet_lab import bench, factorize, metrics, models, packed, params, prune, quantize, registry, runs, steps, summary, train
+from resnet_lab.stages import factorization, pruning, quantization
+
+from conftest import PARAMS
+
+
+def _stage_params(file, stage, root, **changes):
+    p = params.load(PARAMS / file, stage)
+    p.update(run_root=str(root), progress=False, **changes)
+    return params.validate(p, stage)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """A smoke baseline in a run store of this module."""
+    root = tmp_path_factory.mktemp("store") / "runs"
+    bp = params.load(PARAMS / "smoke.yaml", "baseline")
+    bp.update(run_root=str(root), progress=False)
+    train.baseline(bp)
+    return root
+
+
+STRUCTURED = {"method": "ln_structured", "scope": "layer", "amounts": [0.5]}
+INT8 = {"int8": {"calibration_images": 128}}
+SVD_THEN_INT8 = [{"svd": {"rank": 0.5, "epochs": 1}}, INT8]
+
+
+@pytest.fixture(scope="module")
+def chains(baseline):
+    """04 with a structured model followed by three chains, and 05 with an SVD model followed by INT8."""
+    p = _stage_params("pruning_smoke.yaml", "pruning", baseline, epochs=1, sensitivity_amounts=[], curve_amounts=[],
+                      variants=[{**STRUCTURED, "then": [INT8]}, {**STRUCTURED, "then": SVD_THEN_INT8},
+                                {**STRUCTURED, "then": [{"binaryconnect": {"epochs": 1}}]}])
+    s = _stage_params("svd_smoke.yaml", "svd", baseline, ranks=[0.5], variants=[], scratch_ranks=[], epochs=1, then=[INT8])
+    return p, pruning.run(p), s, factorization.run(s)
+
+
+def test_each_link_is_its_own_run_keyed_by_its_parent_and_named_by_its_lineage(chains, baseline):
+    p, result, s, svd_result = chains
+    structured = "L1 structured, layer, 50% of channels"
+    int8 = "INT8 (x86, 128 calibration images)"
+    assert result.names() == ["baseline (FP32)", structured, f"{structured} → {int8}",
+                              f"{structured} → SVD 0.5 of full rank", f"{structured} → SVD 0.5 of full rank → {int8}",
+                              f"{structured} → BinaryConnect (deterministic, inner layers)"]
+    assert svd_result.names() == ["baseline (FP32)", "SVD 0.5 of full rank", f"SVD 0.5 of full rank → {int8}"]
+    store = runs.RunStore(baseline)
+    assert len(store.runs("prune")) == 1  # the structured model, made once for its three chains
+    by_ref = {m.ref: m for m in result.models}
+    for m in result.models[1:]:
+        parent = by_ref[m.row["parent"]]
+        assert m.run.params["parent"] == parent.ref  # the parent run's key is part of the child's identity
+        assert m.row["lineage"] == parent.row["lineage"] + [m.row["technique"]]
+        assert m.row["links"] == parent.row["links"] + 1 and m.row["reload_exact"]
+    # the same INT8 link on two parents: two runs
+    assert len(store.runs("int8")) == 3
+    # structured -> SVD -> INT8 rebuilds from its record: fewer channels, factorized layers, int8 kernels
+    last = result.models[4]
+    assert set(last.row["arch"]) >= {"shapes", "factorized", "int8"}
+    assert last.row["macs"] == result.models[3].row["macs"] < result.models[1].row["macs"] < result.models[0].row["macs"]
+    assert metrics.bit_widths(last.model) == {"weight_bits": 8.0, "act_bits": 8.0}
+    # below pruning, every link is scored against the unpruned baseline
+    assert all(m.row["pruned"] and m.row["score_w"] == result.models[0].row["params"] for m in result.models[1:])
+    assert not svd_result.models[2].row["pruned"]
+
+
+def test_every_run_stores_one_byte_per_image_predictions_that_give_its_accuracy(chains):
+    _, result, _, _ = chains
+    labels = result.ctx.dataset.test.labels
+    for m in result.models:
+        with np.load(m.run.path("predictions.npz"), allow_pickle=False) as z:
+            assert z["test"].dtype == np.uint8 and z["test"].shape == (len(labels),)
+            assert len(z["val"]) == len(result.ctx.dataset.val)
+        predicted = m.run.predictions()["test"]
+        assert 100 * (predicted == labels).float().mean().item() == pytest.approx(m.row["test_acc"])
+
+
+def test_chains_are_reused_when_finished(chains, monkeypatch):
+    p, result, s, svd_result = chains
+
+    def no_work(*a, **k):
+        raise AssertionError("a finished run was recomputed")
+
+    monkeypatch.setattr(train, "fit", no_work)
+    monkeypatch.setattr(quantize, "int8", no_work)
+    again = pruning.run(p)
+    assert [m.ref for m in again.models] == [m.ref for m in result.models]
+    assert [m.row["test_acc"] for m in again.models] == [m.row["test_acc"] for m in result.models]
+
+
+def test_a_step_that_cannot_follow_is_refused_before_any_work(baseline, tmp_path):
+    for then, expect in (([INT8, "fp16"], "must be the last step"), ([{"svd": {"rank": 1.5}}], "lies in (0, 1]")):
+        p = _stage_params("pruning_smoke.yaml", "pruning", baseline, variants=[{**STRUCTURED, "then": then}])
+        before = sorted(str(r) for r in runs.RunStore(baseline).runs())
+        with pytest.raises(params.ParamsError, match=expect.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+            pruning.run(p)
+        assert sorted(str(r) for r in runs.RunStore(baseline).runs()) == before  # nothing created
+
+
+def test_seeds_give_one_run_per_seed_told_apart_by_name(baseline):
+    qp = _stage_params("quantization_smoke.yaml", "quantization", baseline, methods=["binaryconnect"], epochs=1,
+                       binaryconnect=[{"seeds": [0, 1]}])
+    result = quantization.run(qp)
+    a, b = result.models[1:]
+    assert (a.row["seed"], b.row["seed"]) == (0, 1) and a.run.key != b.run.key
+    assert {k: v for k, v in a.run.params.items() if k != "seed"} == {k: v for k, v in b.run.params.items() if k != "seed"}
+    assert result.names()[1:] == [f"{a.name}, seed 0", f"{a.name}, seed 1"]
+
+
+def test_quantization_starts_from_the_model_its_params_name(baseline, chains):
+    _, pruned, _, _ = chains
+    link = {"prune": {"method": "ln_structured", "scope": "layer", "amount": 0.5, "round_to": 1, "epochs": 1,
+                      "batch_size": 32}}
+    qp = _stage_params("quantization_smoke.yaml", "quantization", baseline, start=[link], methods=["int8"])
+    result = quantization.run(qp)
+    start, int8 = result.models
+    assert start.row["technique"] == "prune" and int8.row["parent"] == start.ref
+    assert int8.name == f"{start.name} → INT8 (x86, 128 calibration images)"
+    assert metrics.count_macs(int8.model)["macs"] == start.row["macs"]
+
+
+def test_a_link_in_a_chain_resolves_like_the_notebooks_own_recipe():
+    """A `prune` link given in 03's `start` resolves to the settings 04 gives the same recipe (the default files share
+    their fine-tuning recipe), so both find one run; a link fine-tunes with its stage's recipe unless it sets its own."""
+    p = params.load(PARAMS / "pruning.yaml", "pruning")
+    variant = next(v for v in p["variants"] if v["method"] == "ln_structured")
+    tech = registry.get("prune")
+    given = {"method": "ln_structured", "scope": "global", "amount": 0.6, "epochs": variant["epochs"], "lr": variant["lr"]}
+    q = params.load(PARAMS / "quantization.yaml", "quantization")
+    assert tech.normalize(steps.link_settings("prune", given, q)) == tech.normalize(pruning.link_settings(variant, 0.6, p))
+    bc = steps.link_settings("binaryconnect", {"lr": 0.01}, p)
+    assert bc["epochs"] == p["epochs"] and bc["optimizer"] == p["optimizer"] and bc["lr"] == 0.01 and bc["layers"] == "inner"
+    assert steps.link_settings("int8", {}, p) == {"backend": q["int8_backend"], "calibration_images": q["calibration_images"]}
+
+
+def test_models_build_rebuilds_any_order_of_structural_steps(tmp_path):
+    torch.manual_seed(0)
+    model = models.resnet18(8).eval()
+    arch = models.arch_of(model)
+    x = torch.randn(2, 3, 32, 32)
+    small, _ = prune.structured(model, 0.5, scope="layer")
+    small_arch = prune.structured_arch(arch, small)
+    then_svd, ranks, _ = factorize.svd(small, "fraction", 0.5)
+    svd_first, ranks2, _ = factorize.svd(model, "fraction", 0.5)
+    svd_arch = factorize.arch(arch, svd_first, ranks2)
+    svd_then_pruned, _ = prune.structured(svd_first, 0.5, scope="layer")
+    for made, record in ((then_svd, factorize.arch(small_arch, then_svd, ranks)),
+                         (svd_then_pruned, prune.structured_arch(svd_arch, svd_then_pruned)),
+                         (quantize.half(then_svd), quantize.half_arch(factorize.arch(small_arch, then_svd, ranks), torch.float16))):
+        path = packed.save_model(made, tmp_path / "m.pt", record)
+        with torch.inference_mode():
+            assert torch.equal(packed.load_model(path)(x), made.eval()(x))
+
+
+def _toy_make(step):
+    """A toy technique: the parent with its classifier's weights scaled (no training)."""
+    model = copy.deepcopy(step.parent.model)
+    with torch.no_grad():
+        model.linear.weight.mul_(step.settings["factor"])
+    return steps.Made(model, step.parent.row["arch"], extra={"factor": step.settings["factor"]})
+
+
+def test_a_registered_technique_is_listed_by_the_summary_and_bench_untouched(baseline, tmp_path):
+    toy = registry.Technique(
+        "toy", "99_toy", "quantization", describe=lambda s: f"toy ×{s['factor']:g}", make=_toy_make,
+        defaults=lambda: {"factor": 2.0},
+        settings={"factor": params.Field(float, 2.0, "scale of the classifier", low=0.0, low_open=True)})
+    registry.register(toy)
+    try:
+        assert params.check_chain("then", [{"toy": {"factor": 3}}]) == [{"toy": {"factor": 3.0}}]
+        with pytest.raises(params.ParamsError, match="did you mean 'factor'"):
+            params.check_chain("then", [{"toy": {"facto": 3}}])
+        p = _stage_params("pruning_smoke.yaml", "pruning", baseline, epochs=1, sensitivity_amounts=[], curve_amounts=[],
+                          variants=[{"method": "l1", "scope": "global", "then": [{"toy": {"factor": 3}}]}])
+        result = pruning.run(p)
+        assert result.names()[-1] == "L1 unstructured, global, 50% → toy ×3"
+        sp = params.load(PARAMS / "summary_smoke.yaml", "summary")
+        sp.update(run_root=str(baseline), progress=False)
+        s = summary.run(params.validate(sp, "summary"))
+        df = summary.table(s)
+        assert df.loc["L1 unstructured, global, 50% → toy ×3", "technique"] == "toy"
+        assert [e["notebook"] for e in s.runs if e["stage"] == "toy"] == ["99_toy"]
+        bp = params.validate({"baseline": "params/smoke.yaml", "run_root": str(baseline), "rounds": 1,
+                              "measure_batch_size": 8}, "bench")
+        assert "L1 unstructured, global, 50% → toy ×3" in bench.inference(bp)
+    finally:
+        registry.unregister("toy")
+    assert "toy" not in params.LINKS
+    with pytest.raises(params.ParamsError, match="unknown step 'toy'"):
+        params.check_chain("then", ["toy"])
