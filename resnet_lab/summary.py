@@ -93,6 +93,9 @@ class _Reader:
         model = tech.load(run)
         name = self._name(run, stored)
         entry["model"] = name
+        first = self.techniques.get((stored.get("lineage") or [run.stage])[0])
+        if first is not None:  # a chain is listed under the notebook whose technique starts it (04's pruned → INT8)
+            entry["notebook"] = first.notebook
         device = "cpu" if tech.cpu_only else train.pick_device(self.p["device"])
         acc = train.evaluate_split(model, self.base.dataset.test, self.p["eval_batch_size"], obp["eval_flip"], device)["acc"]
         root = self._baseline(origin)
@@ -101,7 +104,7 @@ class _Reader:
         parent = stored.get("parent_label") or ""
         self.out.rows.append({
             "group": tech.family if links <= 1 else "combination", "technique": run.stage, "family": tech.family,
-            "links": links, "parent": parent, "model": name, "recipe": _recipe(stored.get("settings") or obp), ACC: acc,
+            "links": links, "parent": parent, "model": name, "recipe": _recipe(obp if run.stage == "baseline" else stored.get("settings") or {}), ACC: acc,
             VAL: stored.get("val_acc"), "parameters": m["params"], "nonzero parameters": m["nonzero_params"],
             MACS: m["macs"], "MACs over nonzero weights": m["sparse_macs"],
             SIZE: run.path(stored.get("artifact", "model.pt")).stat().st_size / 1e3,
@@ -134,9 +137,11 @@ def _same_test_set(a: dict, b: dict) -> bool:
 
 
 def _recipe(settings: dict) -> str:
-    """How the last step trained, in a few words (its settings, or the baseline's params)."""
+    """How the last step trained, in a few words (its settings, or the baseline's params); a conversion trains
+    nothing."""
     if "epochs" in settings:
-        return f"{settings['epochs']} epochs, {settings['optimizer']} lr {settings['lr']:g}, seed {settings['seed']}"
+        n = settings["epochs"]
+        return f"{n} epoch{'s' if n != 1 else ''}, {settings['optimizer']} lr {settings['lr']:g}, seed {settings['seed']}"
     return "converted, no training"
 
 

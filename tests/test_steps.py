@@ -185,7 +185,9 @@ def test_a_registered_technique_is_listed_by_the_summary_and_bench_untouched(bas
         s = summary.run(params.validate(sp, "summary"))
         df = summary.table(s)
         assert df.loc["L1 unstructured, global, 50% → toy ×3", "technique"] == "toy"
-        assert [e["notebook"] for e in s.runs if e["stage"] == "toy"] == ["99_toy"]
+        assert df.loc["L1 unstructured, global, 50% → toy ×3", "recipe"] == "converted, no training"
+        # listed under the notebook whose technique starts its chain (the registry's), here 04
+        assert [e["notebook"] for e in s.runs if e["stage"] == "toy"] == ["04_pruning"]
         bp = params.validate({"baseline": "params/smoke.yaml", "run_root": str(baseline), "rounds": 1,
                               "measure_batch_size": 8}, "bench")
         assert "L1 unstructured, global, 50% → toy ×3" in bench.inference(bp)

@@ -52,6 +52,9 @@ def test_every_model_is_rebuilt_and_measured_again_matching_what_its_stage_store
     assert df.loc[chain, "parent"] == "L1 structured, layer, 50% of channels" and df.loc[chain, "links"] == 2
     # a chain below pruning is scored against the unpruned baseline, like the pruned model itself
     assert df.loc[chain, "course score"] < df.loc["L1 structured, layer, 50% of channels", "course score"] / 3
+    assert list(df["recipe"])[1:3] == ["converted, no training"] * 2 and df.loc[chain, "recipe"] == "converted, no training"
+    assert df.loc["L1 structured, layer, 50% of channels", "recipe"].startswith("1 epoch, ")
+    assert [e["notebook"] for e in s.runs if e["model"] == chain] == ["04_pruning"]  # made by 04's chain, not by 03
     for column in ("recipe", summary.ACC, summary.DELTA, "parameters", "nonzero parameters", summary.MACS, summary.SIZE,
                    s.latency_col, s.throughput_col, "course score", "MicroNet score"):
         assert df[column].notna().all(), column
