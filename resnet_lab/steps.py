@@ -254,6 +254,24 @@ class Context:
             out.append(start)
         return out
 
+    def check_chains(self, variants: list[dict[str, Any]]) -> None:
+        """Refuse a bad `then` of any variant before any work (what `links` checks)."""
+        for i, v in enumerate(variants):
+            self.links(v["then"], f"variants[{i}].then")
+
+    def sweep(self, result: "Result", kind: str, variants: list[dict[str, Any]], values: str,
+              settings: Callable[[dict[str, Any], Any], dict[str, Any]]) -> None:
+        """A stage's sweep: for each variant, each of its `values` (amounts, ranks) and each of its seeds, one
+        `kind` link from the root model with `settings(variant, value)`, then each chain of the variant's `then`
+        from that model; every model added to `result`."""
+        for v in variants:
+            for value in v[values]:
+                for seed in v["seeds"] or [self.p["seed"]]:
+                    made = self.apply(self.root, self.link(kind, settings(v, value), seed))
+                    result.add(made)
+                    for chain in self.links(v["then"]):
+                        result.add(*self.chain(made, chain))
+
     def cached(self, stage: str, identity: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """An analysis without a model (e.g. a sensitivity analysis) as a run of `stage`: its stored result, or
         `compute()` stored now, under the run's lock. Keyed by `identity` plus the baseline and evaluation settings."""

@@ -17,6 +17,22 @@ def smoke(tmp_path):
     return p
 
 
+def stage_params(file, stage, root, **changes):
+    """A stage's params file validated with these changes, writing into the run store `root`, without progress bars."""
+    p = params.load(PARAMS / file, stage)
+    p.update(run_root=str(root), progress=False, **changes)
+    return params.validate(p, stage)
+
+
+def smoke_baseline(root):
+    """Train the smoke baseline into the run store `root` (for module-scoped stores of the step tests)."""
+    from resnet_lab import train
+
+    bp = params.load(PARAMS / "smoke.yaml", "baseline")
+    bp.update(run_root=str(root), progress=False)
+    return train.baseline(bp)
+
+
 @pytest.fixture
 def python():
     return sys.executable

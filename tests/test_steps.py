@@ -8,22 +8,15 @@ import torch
 from resnet_lab import bench, factorize, metrics, models, packed, params, prune, quantize, registry, runs, steps, summary, train
 from resnet_lab.stages import factorization, pruning, quantization
 
-from conftest import PARAMS
-
-
-def _stage_params(file, stage, root, **changes):
-    p = params.load(PARAMS / file, stage)
-    p.update(run_root=str(root), progress=False, **changes)
-    return params.validate(p, stage)
+from conftest import PARAMS, smoke_baseline
+from conftest import stage_params as _stage_params
 
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     """A smoke baseline in a run store of this module."""
     root = tmp_path_factory.mktemp("store") / "runs"
-    bp = params.load(PARAMS / "smoke.yaml", "baseline")
-    bp.update(run_root=str(root), progress=False)
-    train.baseline(bp)
+    smoke_baseline(root)
     return root
 
 

@@ -10,22 +10,15 @@ import yaml
 from resnet_lab import params, runs, summary, train
 from resnet_lab.stages import factorization, pruning, quantization
 
-from conftest import PARAMS
-
-
-def _stage_params(file, stage, root, **changes):
-    p = params.load(PARAMS / file, stage)
-    p.update(run_root=str(root), progress=False, **changes)
-    return params.validate(p, stage)
+from conftest import PARAMS, smoke_baseline
+from conftest import stage_params as _stage_params
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A smoke baseline and one run of each kind of model, made by the stages themselves."""
     root = tmp_path_factory.mktemp("store") / "runs"
-    bp = params.load(PARAMS / "smoke.yaml", "baseline")
-    bp.update(run_root=str(root), progress=False)
-    train.baseline(bp)
+    smoke_baseline(root)
     quantization.run(_stage_params("quantization_smoke.yaml", "quantization", root, methods=["fp16", "int8"]))
     pruning.run(_stage_params("pruning_smoke.yaml", "pruning", root, epochs=1, sensitivity_amounts=[], curve_amounts=[],
                               variants=[{"method": "l1", "scope": "global"},

@@ -74,15 +74,8 @@ def run(p: dict[str, Any]) -> steps.Result:
     the store, reused when finished."""
     ctx = steps.Context(p)
     result = steps.Result(ctx, [ctx.root])
-    for v in p["variants"]:  # refuse a bad chain before any work
-        ctx.links(v["then"])
-    for v in p["variants"]:
-        for rank in v["ranks"]:
-            for seed in v["seeds"] or [p["seed"]]:
-                made = ctx.apply(ctx.root, ctx.link("svd", link_settings(v, rank, p), seed))
-                result.add(made)
-                for chain in ctx.links(v["then"]):
-                    result.add(*ctx.chain(made, chain))
+    ctx.check_chains(p["variants"])
+    ctx.sweep(result, "svd", p["variants"], "ranks", lambda v, rank: link_settings(v, rank, p))
     for rank in p["scratch_ranks"]:
         top = {k: p[k] for k in params.SVD_VARIANT}
         result.add(ctx.apply(ctx.root, ctx.link("svd", link_settings(top, rank, p, "scratch"))))

@@ -180,18 +180,11 @@ def run(p: dict[str, Any]) -> steps.Result:
     its saved file before it is measured."""
     ctx = steps.Context(p)
     result = steps.Result(ctx, [ctx.root])
-    for v in p["variants"]:  # refuse a bad chain before any work
-        ctx.links(v["then"])
+    ctx.check_chains(p["variants"])
     if p["sensitivity_amounts"]:
         result.extras["sensitivity"] = sensitivity(ctx, ctx.root, p["sensitivity_amounts"])
     result.extras["curves"] = curves(ctx, p["variants"], p["curve_amounts"])
-    for v in p["variants"]:
-        for amount in v["amounts"]:
-            for seed in v["seeds"] or [p["seed"]]:
-                pruned = ctx.apply(ctx.root, ctx.link("prune", link_settings(v, amount, p), seed))
-                result.add(pruned)
-                for chain in ctx.links(v["then"]):
-                    result.add(*ctx.chain(pruned, chain))
+    ctx.sweep(result, "prune", p["variants"], "amounts", lambda v, amount: link_settings(v, amount, p))
     return result
 
 
