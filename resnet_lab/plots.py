@@ -9,6 +9,8 @@ import pandas as pd
 import seaborn as sns
 import torch
 
+from . import stats
+
 sns.set_theme(style="whitegrid", context="notebook")
 
 
@@ -72,11 +74,19 @@ def sample_predictions(images: torch.Tensor, labels: torch.Tensor, preds: torch.
     return fig
 
 
-def metrics_table(m: dict) -> pd.DataFrame:
-    """A two-column table (metric, value) with units, for the report."""
+def metrics_table(m: dict, n_test: int | None = None, n_val: int | None = None) -> pd.DataFrame:
+    """A two-column table (metric, value) with units, for the report; with the split sizes, each accuracy
+    with its 95% Wilson interval."""
+    def acc(value, n):
+        if value is None:
+            return "–"
+        if not n:
+            return f"{value:.2f}"
+        return f"{value:.2f} (95%: {stats.interval_text(*stats.wilson(round(value * n / 100), n))}, {n:,} images)"
+
     rows = [
-        ("test accuracy (%)", f"{m['test_acc']:.2f}"),
-        ("validation accuracy (%)", "–" if m.get("val_acc") is None else f"{m['val_acc']:.2f}"),
+        ("test accuracy (%)", acc(m["test_acc"], n_test)),
+        ("validation accuracy (%)", acc(m.get("val_acc"), n_val)),
         ("test loss", f"{m['test_loss']:.4f}"),
         ("parameters", f"{m['params']:,}"),
         ("nonzero parameters", f"{m['nonzero_params']:,}"),
@@ -132,11 +142,12 @@ def tradeoff(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: 
 
 def show_table(df: pd.DataFrame, formats: dict | None = None):
     """A table for the report: thousands separators, two decimals unless `formats` gives a column its own
-    format (a format string such as "{:.4f}" or a function); text columns read left-aligned. A pandas
+    format (a format string such as "{:.4f}" or a function); a missing value is left blank (the baseline's own
+    p-value); text columns read left-aligned. A pandas
     Styler, which renders as HTML."""
-    style = df.style.format(precision=2, thousands=",")
+    style = df.style.format(precision=2, thousands=",", na_rep="")
     for col, fmt in (formats or {}).items():
-        style = style.format(fmt, subset=[col])
+        style = style.format(fmt, subset=[col], na_rep="")
     text = [c for c in df.columns if df[c].dtype == object]
     return style.set_properties(subset=text, **{"text-align": "left"}) if text else style
 
@@ -147,13 +158,18 @@ def number(v: float) -> str:
 
 
 def pareto(df: pd.DataFrame, x: str, y: str, front: pd.Series, hue: str, title: str, xlabel: str, ylabel: str,
-           reference: str | None = None, floor: float | None = None) -> plt.Figure:
+           reference: str | None = None, floor: float | None = None, yerr: pd.DataFrame | None = None) -> plt.Figure:
     """Every model as a point (colour and marker: `hue`), the models on the Pareto front joined by a step line
     and named; dotted lines through the `reference` row (an index label) split the plane into better and
     worse. The x axis is logarithmic when the costs span more than 10×. Models below `floor` on y are
-    left out of the plot area and named in a note, so that they do not squash the rest."""
+    left out of the plot area and named in a note, so that they do not squash the rest. `yerr` (columns `low`,
+    `high`, indexed like `df`) draws each point's interval on y as an error bar."""
     fig, ax = plt.subplots(figsize=(12, 6.5))
     shown = df if floor is None else df[df[y] >= floor]
+    if yerr is not None:
+        bars = yerr.loc[shown.index]
+        ax.errorbar(shown[x], shown[y], yerr=[shown[y] - bars["low"], bars["high"] - shown[y]], fmt="none",
+                    ecolor="darkgray", elinewidth=1, capsize=3, zorder=1, label="95% interval (test set)")
     sns.scatterplot(data=shown.reset_index(), x=x, y=y, hue=hue, style=hue, s=120, ax=ax, zorder=3)
     on_front = shown[front.loc[shown.index]].sort_values(x)
     ax.step(on_front[x], on_front[y], where="post", color="black", linewidth=1.2, linestyle="--", zorder=2,

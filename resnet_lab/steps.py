@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
-from . import metrics, models, registry, runs, train
+from . import metrics, models, registry, runs, stats, train
 from . import params as params_mod
 
 if TYPE_CHECKING:  # tables are built on demand; pandas is imported there
@@ -31,6 +31,9 @@ ACC = "test accuracy (%)"
 VAL = "validation accuracy (%)"
 DELTA = "Δ vs baseline (pt)"
 DELTA_PARENT = "Δ vs parent (pt)"
+ACC_CI = "test 95% interval (%)"
+P_BASELINE = "p vs baseline (paired, BH)"
+VERDICT = "vs baseline"
 BEFORE = "test acc. before fine-tuning (%)"
 BITS = "bits (weights / activations)"
 SPARSITY = "weight sparsity (%)"
@@ -387,7 +390,31 @@ def table(result: Result, speed: dict[str, dict] | None = None) -> pd.DataFrame:
             row |= metrics.speed_columns(speed, name, names[0], mac_reduction)
         row |= {COURSE: r["score"], MICRONET: r["micronet_score"], TRAIN_TIME: r.get("train_time_s")}
         rows.append(row)
+    _uncertainty(result, rows)
     return pd.DataFrame(rows).set_index("model")
+
+
+def _uncertainty(result: Result, rows: list[dict[str, Any]]) -> None:
+    """Each row's Wilson interval of its test accuracy and, against the baseline (the Δ column's reference),
+    McNemar's exact test on the per-image predictions the runs stored, the p-values adjusted over the table."""
+    labels = result.ctx.dataset.test.labels.cpu().numpy()
+    root = result.ctx.root.run
+
+    def right(run: runs.Run):
+        try:
+            return stats.correct(run.predictions()["test"].numpy(), labels)
+        except (runs.RunStoreError, KeyError, ValueError):  # a run stored before predictions were: no interval
+            return None
+
+    reference, paired = right(root), []
+    for row, m in zip(rows, result.models):
+        r, is_root = right(m.run), str(m.run) == str(root)
+        row[ACC_CI] = stats.interval_text(*stats.wilson(int(r.sum()), len(r))) if r is not None else None
+        row[P_BASELINE], row[VERDICT] = None, "reference" if is_root else None
+        if r is not None and reference is not None and not is_root:
+            paired.append((row, stats.mcnemar(r, reference)))
+    for (row, _), (q, word) in zip(paired, stats.verdicts([pair for _, pair in paired])):
+        row[P_BASELINE], row[VERDICT] = q, word
 
 
 THROUGHPUT = "CPU throughput"  # stands for the throughput column (its name carries the batch size) in `shown`

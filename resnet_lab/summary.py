@@ -13,10 +13,13 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
-from . import metrics, registry, runs, steps, train
+import numpy as np
+
+from . import metrics, registry, runs, stats, steps, train
 
 IN_TABLE = "in the table"
 ACC, VAL, DELTA, SIZE, MACS = steps.ACC, steps.VAL, steps.DELTA, steps.SIZE, steps.MACS
+ACC_CI, P_BASELINE, VERDICT = steps.ACC_CI, steps.P_BASELINE, steps.VERDICT
 # groups of models, in table order: one per technique family; a model made by two or more steps is a combination
 GROUPS = ("baseline", "quantization", "pruning", "factorization", "combination")
 # a recomputed accuracy may differ from the stored one by float rounding on another device, not by more
@@ -31,6 +34,8 @@ class Summary:
     rows: list[dict[str, Any]] = field(default_factory=list)    # one per usable model, recomputed
     models: dict[str, nn.Module] = field(default_factory=dict)  # model name -> inference model (CPU)
     runs: list[dict[str, str]] = field(default_factory=list)    # every run folder and what became of it
+    correct: dict[str, np.ndarray] = field(default_factory=dict)  # model name -> per-test-image correctness
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # model name -> 95% Wilson (%)
 
 
 def run(p: dict) -> Summary:
@@ -50,8 +55,15 @@ def run(p: dict) -> Summary:
     speed = metrics.compare_speed(out.models, p["measure_batch_size"], rounds=p["speed_rounds"], repeats=p["speed_repeats"])
     latency = metrics.compare_speed(out.models, p["latency_batch_size"], rounds=p["speed_rounds"], repeats=p["latency_repeats"])
     reference_acc = out.rows[0][ACC]
-    for row in out.rows:
+    reference = out.correct[out.rows[0]["model"]]
+    pairs = [stats.mcnemar(out.correct[row["model"]], reference) for row in out.rows[1:]]
+    judged = [(1.0, "")] + stats.verdicts(pairs)
+    for row, (q, word) in zip(out.rows, judged):
+        right = out.correct[row["model"]]
         row[DELTA] = row[ACC] - reference_acc
+        out.intervals[row["model"]] = stats.wilson(int(right.sum()), len(right))
+        row[ACC_CI] = stats.interval_text(*out.intervals[row["model"]])
+        row[P_BASELINE], row[VERDICT] = (q, word) if row is not out.rows[0] else (float("nan"), "reference")
         row[out.latency_col] = latency[row["model"]]["latency_ms"]
         row[out.throughput_col] = speed[row["model"]]["throughput_img_s"]
     return out
@@ -97,7 +109,9 @@ class _Reader:
         if first is not None:  # a chain is listed under the notebook whose technique starts it (04's pruned → INT8)
             entry["notebook"] = first.notebook
         device = "cpu" if tech.cpu_only else train.pick_device(self.p["device"])
-        acc = train.evaluate_split(model, self.base.dataset.test, self.p["eval_batch_size"], obp["eval_flip"], device)["acc"]
+        test = self.base.dataset.test
+        logits = train.predict_split(model, test, self.p["eval_batch_size"], obp["eval_flip"], device)
+        acc = train.score(logits, test.labels.cpu())["acc"]
         root = self._baseline(origin)
         m = steps.measure(model, root if stored.get("pruned") else None, root)
         links = stored.get("links", 0)
@@ -111,6 +125,7 @@ class _Reader:
             "course score": m["score"], "MicroNet score": m["micronet_score"],
             "stored test accuracy (%)": stored.get("test_acc"), "run": str(run), "stage": run.stage})
         self.out.models[name] = model
+        self.out.correct[name] = stats.correct(logits.argmax(1).numpy(), test.labels.cpu().numpy())
 
     def _baseline(self, run: runs.Run) -> nn.Module:
         if run.key not in self.baselines:
@@ -149,10 +164,15 @@ def _recipe(settings: dict) -> str:
 def table(s: Summary) -> pd.DataFrame:
     """The side-by-side table: one row per model (its name is its lineage), grouped by technique family, the
     models of two or more steps last; `group`, `technique`, `links` and `parent` are fields to select by."""
-    cols = ["group", "technique", "links", "parent", "recipe", ACC, VAL, DELTA, "parameters", "nonzero parameters", MACS,
+    cols = ["group", "technique", "links", "parent", "recipe", ACC, ACC_CI, VAL, DELTA, P_BASELINE, VERDICT, "parameters", "nonzero parameters", MACS,
             SIZE, s.latency_col, s.throughput_col, "course score", "MicroNet score"]
     df = pd.DataFrame(s.rows).set_index("model")
     return df.sort_values("group", key=lambda g: g.map(GROUPS.index), kind="stable")[cols]
+
+
+def intervals(s: Summary) -> pd.DataFrame:
+    """The 95% interval of each model's test accuracy (columns `low`, `high`, in %), for error bars."""
+    return pd.DataFrame.from_dict(s.intervals, orient="index", columns=["low", "high"])
 
 
 def runs_table(s: Summary) -> pd.DataFrame:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from resnet_lab import bench, factorize, metrics, models, packed, params, prune, quantize, registry, runs, steps, summary, train
+from resnet_lab import bench, factorize, metrics, models, packed, params, prune, quantize, registry, runs, stats, steps, summary, train
 from resnet_lab.stages import factorization, pruning, quantization
 
 from conftest import PARAMS, smoke_baseline
@@ -72,6 +72,23 @@ def test_every_run_stores_one_byte_per_image_predictions_that_give_its_accuracy(
             assert len(z["val"]) == len(result.ctx.dataset.val)
         predicted = m.run.predictions()["test"]
         assert 100 * (predicted == labels).float().mean().item() == pytest.approx(m.row["test_acc"])
+
+
+def test_stage_tables_pair_every_model_with_the_baseline_from_the_stored_predictions(chains):
+    _, result, _, _ = chains
+    table = steps.table(result)
+    assert table[steps.VERDICT].iloc[0] == "reference" and table[steps.P_BASELINE].iloc[:1].isna().all()
+    labels = result.ctx.dataset.test.labels.numpy()
+    reference = stats.correct(result.models[0].run.predictions()["test"].numpy(), labels)
+    pairs = [stats.mcnemar(stats.correct(m.run.predictions()["test"].numpy(), labels), reference)
+             for m in result.models[1:]]
+    assert list(table[steps.P_BASELINE].iloc[1:]) == pytest.approx(stats.adjusted([pr.p for pr in pairs]))
+    assert list(table[steps.VERDICT].iloc[1:]) == [word for _, word in stats.verdicts(pairs)]
+    for (name, row), m in zip(table.iterrows(), result.models):
+        lo, hi = map(float, row[steps.ACC_CI].split("–"))
+        assert lo - 0.05 <= m.row["test_acc"] <= hi + 0.05, name
+    for column in (steps.ACC_CI, steps.VERDICT):  # every stage shows them
+        assert column in pruning.COLUMNS and column in factorization.COLUMNS and column in quantization.COLUMNS
 
 
 def test_chains_are_reused_when_finished(chains, monkeypatch):

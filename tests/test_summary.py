@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from resnet_lab import params, runs, summary, train
+from resnet_lab import params, runs, stats, summary, train
 from resnet_lab.stages import factorization, pruning, quantization
 
 from conftest import PARAMS, smoke_baseline
@@ -52,6 +52,15 @@ def test_every_model_is_rebuilt_and_measured_again_matching_what_its_stage_store
                    s.latency_col, s.throughput_col, "course score", "MicroNet score"):
         assert df[column].notna().all(), column
     assert (df[s.latency_col] > 0).all() and (df[s.throughput_col] > 0).all()
+    # every accuracy with its Wilson interval, every model paired image by image with the baseline
+    assert df[summary.VERDICT].iloc[0] == "reference"
+    assert set(df[summary.VERDICT].iloc[1:]) <= {stats.BETTER, stats.WORSE, stats.SAME}
+    for name, row in df.iterrows():
+        lo, hi = map(float, row[summary.ACC_CI].split("–"))
+        assert lo - 0.05 <= row[summary.ACC] <= hi + 0.05, name
+        right = s.correct[name]
+        assert 100 * right.mean() == pytest.approx(row[summary.ACC], abs=1e-4)
+    assert ((df[summary.P_BASELINE].iloc[1:] >= 0) & (df[summary.P_BASELINE].iloc[1:] <= 1)).all()
     for row in s.rows:
         run = runs.Run(runs.RunStore(store), row["stage"], row["run"].rsplit("/", 1)[1])
         stored = run.metrics

@@ -83,7 +83,7 @@ def run(p: dict[str, Any]) -> steps.Result:
 
 
 COLUMNS = ["layers factorized", "left alone", steps.PARAMS, "compression (× fewer params)", steps.MACS,
-           steps.MAC_REDUCTION, steps.SIZE, steps.BEFORE, steps.ACC, steps.VAL, steps.DELTA, steps.THROUGHPUT,
+           steps.MAC_REDUCTION, steps.SIZE, steps.BEFORE, steps.ACC, steps.ACC_CI, steps.VAL, steps.DELTA, steps.VERDICT, steps.THROUGHPUT,
            steps.SPEEDUP, steps.SPEEDUP_PER_MAC, steps.TRAIN_TIME]
 
 

@@ -190,7 +190,7 @@ def run(p: dict[str, Any]) -> steps.Result:
 
 # ---------------------------------------------------------------- tables for the report
 COLUMNS = [steps.SPARSITY, steps.PARAMS, steps.NONZERO, steps.MACS, steps.SPARSE_MACS, steps.MAC_REDUCTION, steps.SIZE,
-           steps.SIZE_RATIO, steps.BEFORE, steps.ACC, steps.VAL, steps.DELTA, steps.THROUGHPUT, steps.SPEEDUP,
+           steps.SIZE_RATIO, steps.BEFORE, steps.ACC, steps.ACC_CI, steps.VAL, steps.DELTA, steps.VERDICT, steps.THROUGHPUT, steps.SPEEDUP,
            steps.SPEEDUP_PER_MAC, steps.COURSE, steps.MICRONET, steps.TRAIN_TIME]
 
 

@@ -129,7 +129,7 @@ def _one_chain(ctx: steps.Context, p: dict[str, Any]) -> list[list[steps.Link]]:
     return chains
 
 
-COLUMNS = [steps.BITS, steps.ACC, steps.VAL, steps.DELTA_PARENT, steps.DELTA, steps.PARAMS, steps.MACS, steps.SIZE,
+COLUMNS = [steps.BITS, steps.ACC, steps.ACC_CI, steps.VAL, steps.DELTA_PARENT, steps.DELTA, steps.VERDICT, steps.PARAMS, steps.MACS, steps.SIZE,
            steps.SIZE_RATIO, steps.THROUGHPUT, steps.SPEEDUP, steps.COURSE, steps.MICRONET]
 
 

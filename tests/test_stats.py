@@ -1,0 +1,90 @@
+"""The statistics every accuracy and every difference is read with (resnet_lab/stats.py), on hand-made cases."""
+import math
+
+import numpy as np
+import pytest
+
+from resnet_lab import stats
+
+
+def _wilson_by_formula(k, n, z=1.959963984540054):
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return 100 * (centre - half), 100 * (centre + half)
+
+
+def test_wilson_interval_matches_the_closed_form_and_a_published_value():
+    # Newcombe (1998), Statistics in Medicine 17:857, example 81/263: Wilson 0.2553 to 0.3662
+    lo, hi = stats.wilson(81, 263)
+    assert (round(lo / 100, 4), round(hi / 100, 4)) == (0.2553, 0.3662)
+    for k, n in ((746, 1017), (0, 50), (50, 50), (1, 3)):
+        assert stats.wilson(k, n) == pytest.approx(_wilson_by_formula(k, n), abs=1e-9)
+    lo, hi = stats.wilson(746, 1017)  # the baseline's accuracy on the mini test set: about ±2.7 pt
+    assert 2.5 < (hi - lo) / 2 < 2.9
+    assert stats.wilson(0, 50)[0] == 0 and stats.wilson(50, 50)[1] == pytest.approx(100)
+    with pytest.raises(ValueError):
+        stats.wilson(0, 0)
+
+
+def test_identical_predictions_show_no_difference_with_p_1():
+    right = np.random.default_rng(0).random(1017) < 0.73
+    pair = stats.mcnemar(right, right.copy())
+    assert pair.p == 1.0 and pair.a_only == pair.b_only == 0 and pair.delta == 0
+    assert stats.verdict(pair) == stats.SAME
+
+
+def test_a_model_right_on_60_more_images_and_wrong_on_none_is_better():
+    labels = np.arange(1017) % 10
+    b = labels.copy()
+    b[:300] = (labels[:300] + 1) % 10  # B wrong on the first 300 images
+    a = b.copy()
+    a[:60] = labels[:60]  # A right on 60 of them, wrong nowhere B is right
+    pair = stats.mcnemar(stats.correct(a, labels), stats.correct(b, labels))
+    assert (pair.a_only, pair.b_only) == (60, 0)
+    assert pair.p < 0.001 and pair.p == pytest.approx(2 * 0.5 ** 60)
+    assert pair.delta == pytest.approx(100 * 60 / 1017)
+    assert stats.verdict(pair) == stats.BETTER
+    assert stats.verdict(stats.mcnemar(stats.correct(b, labels), stats.correct(a, labels))) == stats.WORSE
+
+
+def test_a_balanced_disagreement_is_no_detectable_difference():
+    a = np.zeros(1000, bool)
+    b = np.zeros(1000, bool)
+    a[:30], b[30:55] = True, True  # 30 images only A gets right, 25 only B: +0.5 pt, far from significant
+    pair = stats.mcnemar(a, b)
+    assert 0.5 < pair.p < 1 and stats.verdict(pair) == stats.SAME
+
+
+def test_a_table_of_comparisons_is_adjusted_together():
+    # Benjamini-Hochberg by hand: sorted 0.01, 0.03, 0.04, 0.2 → 0.04, 0.0533, 0.0533, 0.2
+    assert stats.adjusted([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.16 / 3, 0.16 / 3, 0.2])
+    assert stats.adjusted([]) == []
+    # 20 images only A gets right against 7 only B (p = 0.019): "better" alone, not among twenty comparisons of
+    # which the other nineteen show nothing (adjusted: min(20 p, 1) = 0.38)
+    a, b = np.zeros(1000, bool), np.zeros(1000, bool)
+    a[:20], b[20:27] = True, True
+    alone = stats.mcnemar(a, b)
+    assert alone.p == pytest.approx(0.0191573, rel=1e-5) and stats.verdict(alone) == stats.BETTER
+    (q, word), *rest = stats.verdicts([alone] + [stats.mcnemar(a, a)] * 19)
+    assert q == pytest.approx(20 * alone.p) and word == stats.SAME
+    assert rest == [(1.0, stats.SAME)] * 19
+
+
+def test_models_scored_on_different_images_are_refused():
+    with pytest.raises(ValueError, match="same test set"):
+        stats.correct(np.zeros(10), np.zeros(12))
+    with pytest.raises(ValueError, match="same images"):
+        stats.mcnemar(np.zeros(10, bool), np.zeros(12, bool))
+
+
+def test_the_baseline_report_gives_each_accuracy_its_interval():
+    from resnet_lab import plots
+
+    m = {"test_acc": 100 * 746 / 1017, "val_acc": 100 * 304 / 407, "test_loss": 1.0, "params": 1, "nonzero_params": 1,
+         "macs": 1, "size_bytes": 1, "batch_size": 128, "throughput_img_s": 1.0, "latency_ms": 1.0, "train_time_s": 1.0,
+         "train_and_eval_time_s": 1.0, "train_device": "cpu"}
+    table = plots.metrics_table(m, 1017, 407)
+    lo, hi = stats.wilson(746, 1017)
+    assert table.loc["test accuracy (%)", "value"] == f"73.35 (95%: {lo:.1f}–{hi:.1f}, 1,017 images)"
+    assert "407 images" in table.loc["validation accuracy (%)", "value"]
