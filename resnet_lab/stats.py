@@ -91,5 +91,17 @@ def verdicts(pairs: list[Paired], alpha: float = ALPHA) -> list[tuple[float, str
     return [(q, verdict(pr, q, alpha)) for pr, q in zip(pairs, qs)]
 
 
+def interval(right: np.ndarray) -> tuple[float, float]:
+    """The Wilson interval (in %) of an accuracy given as per-image correctness."""
+    return wilson(int(np.sum(right)), len(right))
+
+
+def against(reference: np.ndarray, models: dict[str, np.ndarray], alpha: float = ALPHA) -> dict[str, tuple[float, str]]:
+    """Each model paired with the reference on the same images (McNemar), the p-values of them all adjusted
+    together: {name: (adjusted p, verdict)}."""
+    names = list(models)
+    return dict(zip(names, verdicts([mcnemar(models[n], reference) for n in names], alpha)))
+
+
 def interval_text(lo: float, hi: float) -> str:
     return f"{lo:.1f}–{hi:.1f}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -398,23 +399,23 @@ def _uncertainty(result: Result, rows: list[dict[str, Any]]) -> None:
     """Each row's Wilson interval of its test accuracy and, against the baseline (the Δ column's reference),
     McNemar's exact test on the per-image predictions the runs stored, the p-values adjusted over the table."""
     labels = result.ctx.dataset.test.labels.cpu().numpy()
-    root = result.ctx.root.run
 
-    def right(run: runs.Run):
+    def right(run: runs.Run) -> np.ndarray | None:
         try:
             return stats.correct(run.predictions()["test"].numpy(), labels)
         except (runs.RunStoreError, KeyError, ValueError):  # a run stored before predictions were: no interval
             return None
 
-    reference, paired = right(root), []
-    for row, m in zip(rows, result.models):
-        r, is_root = right(m.run), str(m.run) == str(root)
-        row[ACC_CI] = stats.interval_text(*stats.wilson(int(r.sum()), len(r))) if r is not None else None
-        row[P_BASELINE], row[VERDICT] = None, "reference" if is_root else None
-        if r is not None and reference is not None and not is_root:
-            paired.append((row, stats.mcnemar(r, reference)))
-    for (row, _), (q, word) in zip(paired, stats.verdicts([pair for _, pair in paired])):
-        row[P_BASELINE], row[VERDICT] = q, word
+    root = str(result.ctx.root.run)
+    rights = {row["model"]: right(m.run) for row, m in zip(rows, result.models)}
+    roots = {row["model"] for row, m in zip(rows, result.models) if str(m.run) == root}
+    reference = right(result.ctx.root.run)
+    judged = {} if reference is None else stats.against(
+        reference, {name: r for name, r in rights.items() if r is not None and name not in roots})
+    for row in rows:
+        r = rights[row["model"]]
+        row[ACC_CI] = None if r is None else stats.interval_text(*stats.interval(r))
+        row[P_BASELINE], row[VERDICT] = judged.get(row["model"], (None, "reference" if row["model"] in roots else None))
 
 
 THROUGHPUT = "CPU throughput"  # stands for the throughput column (its name carries the batch size) in `shown`

@@ -56,14 +56,12 @@ def run(p: dict) -> Summary:
     latency = metrics.compare_speed(out.models, p["latency_batch_size"], rounds=p["speed_rounds"], repeats=p["latency_repeats"])
     reference_acc = out.rows[0][ACC]
     reference = out.correct[out.rows[0]["model"]]
-    pairs = [stats.mcnemar(out.correct[row["model"]], reference) for row in out.rows[1:]]
-    judged = [(1.0, "")] + stats.verdicts(pairs)
-    for row, (q, word) in zip(out.rows, judged):
-        right = out.correct[row["model"]]
+    judged = stats.against(reference, {row["model"]: out.correct[row["model"]] for row in out.rows[1:]})
+    for row in out.rows:
         row[DELTA] = row[ACC] - reference_acc
-        out.intervals[row["model"]] = stats.wilson(int(right.sum()), len(right))
+        out.intervals[row["model"]] = stats.interval(out.correct[row["model"]])
         row[ACC_CI] = stats.interval_text(*out.intervals[row["model"]])
-        row[P_BASELINE], row[VERDICT] = (q, word) if row is not out.rows[0] else (float("nan"), "reference")
+        row[P_BASELINE], row[VERDICT] = judged.get(row["model"], (float("nan"), "reference"))
         row[out.latency_col] = latency[row["model"]]["latency_ms"]
         row[out.throughput_col] = speed[row["model"]]["throughput_img_s"]
     return out

@@ -88,3 +88,13 @@ def test_the_baseline_report_gives_each_accuracy_its_interval():
     lo, hi = stats.wilson(746, 1017)
     assert table.loc["test accuracy (%)", "value"] == f"73.35 (95%: {lo:.1f}–{hi:.1f}, 1,017 images)"
     assert "407 images" in table.loc["validation accuracy (%)", "value"]
+
+
+def test_models_paired_with_one_reference_are_judged_together():
+    reference = np.zeros(1000, bool)
+    better, same = reference.copy(), reference.copy()
+    better[:60] = True
+    judged = stats.against(reference, {"better": better, "same": same})
+    assert judged["same"] == (1.0, stats.SAME)
+    assert judged["better"][1] == stats.BETTER and judged["better"][0] == pytest.approx(2 * 2 * 0.5 ** 60)
+    assert stats.interval(better) == stats.wilson(60, 1000)
