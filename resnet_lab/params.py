@@ -438,10 +438,15 @@ def check_rank_values(where: str, rule: str, values: list) -> None:
             raise ParamsError(f"{where}: rank value {v!r}: with rank_rule '{rule}' every value lies in (0, 1]")
 
 
+def _resolve_variants(values: dict[str, Any], keys) -> None:
+    """Each variant completed by the top-level values of `keys` it does not set; no variants: the top level alone."""
+    top = {k: values[k] for k in keys}
+    values["variants"] = [{**top, **v} for v in values["variants"]] or [top]
+
+
 def _check_svd(values: dict[str, Any]) -> None:
     """Resolve `variants` to full recipes (top-level keys fill the gaps) and check the ranks under their rule."""
-    top = {k: values[k] for k in SVD_VARIANT}
-    values["variants"] = [{**top, **v} for v in values["variants"]] or [top]
+    _resolve_variants(values, SVD_VARIANT)
     for i, v in enumerate(values["variants"]):
         where = f"variant {i}" if len(values["variants"]) > 1 else "the recipe"
         if not v["ranks"]:
@@ -496,8 +501,7 @@ def check_prune_link(where: str, v: dict[str, Any], sensitivity_amounts: list[fl
 
 def _check_pruning(values: dict[str, Any]) -> None:
     """Resolve `variants` to full recipes (top-level keys fill the gaps) and check what spans keys."""
-    top = {k: values[k] for k in PRUNE_VARIANT}
-    values["variants"] = [{**top, **v} for v in values["variants"]] or [top]
+    _resolve_variants(values, PRUNE_VARIANT)
     for i, v in enumerate(values["variants"]):
         where = f"variant {i} ({v['method']}, {v['scope']})" if len(values["variants"]) > 1 else "the recipe"
         if not v["amounts"]:

@@ -409,7 +409,7 @@ def _uncertainty(result: Result, rows: list[dict[str, Any]]) -> None:
     root = str(result.ctx.root.run)
     rights = {row["model"]: right(m.run) for row, m in zip(rows, result.models)}
     roots = {row["model"] for row, m in zip(rows, result.models) if str(m.run) == root}
-    reference = right(result.ctx.root.run)
+    reference = next((rights[name] for name in roots), None) if roots else right(result.ctx.root.run)
     judged = {} if reference is None else stats.against(
         reference, {name: r for name, r in rights.items() if r is not None and name not in roots})
     for row in rows:
