@@ -14,16 +14,34 @@ from . import stats
 sns.set_theme(style="whitegrid", context="notebook")
 
 
-def training_curves(history: Sequence[dict], title: str = "Training curves") -> plt.Figure:
-    """Loss, accuracy and learning rate per epoch for the train / val / test splits."""
+def wilson_err(acc: Sequence[float], n: int) -> list[list[float]]:
+    """Asymmetric error bars (below, above) of accuracies (%) measured on `n` images: their 95% Wilson intervals."""
+    ci = [stats.wilson(round(a * n / 100), n) for a in acc]
+    return [[a - lo for a, (lo, _) in zip(acc, ci)], [hi - a for a, (_, hi) in zip(acc, ci)]]
+
+
+def _wilson_band(ax: plt.Axes, x: Sequence[float], acc: Sequence[float], n: int, color) -> None:
+    """The 95% Wilson interval of an accuracy curve as a shaded band."""
+    lo, hi = zip(*[stats.wilson(round(a * n / 100), n) for a in acc])
+    ax.fill_between(list(x), lo, hi, color=color, alpha=0.15, linewidth=0)
+
+
+def training_curves(history: Sequence[dict], title: str = "Training curves", n: dict[str, int] | None = None) -> plt.Figure:
+    """Loss, accuracy and learning rate per epoch for the train / val / test splits; with `n` (images per split),
+    each held-out accuracy curve carries its 95% Wilson band."""
     df = pd.DataFrame(history)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy (%)")):
-        long = df.melt(id_vars="epoch", value_vars=[c for c in (f"train_{metric}", f"val_{metric}", f"test_{metric}") if c in df],
-                       var_name="split", value_name=metric)
+        splits = [s for s in ("train", "val", "test") if f"{s}_{metric}" in df]
+        long = df.melt(id_vars="epoch", value_vars=[f"{s}_{metric}" for s in splits], var_name="split", value_name=metric)
         long["split"] = long["split"].str.replace(f"_{metric}", "")
         sns.lineplot(data=long, x="epoch", y=metric, hue="split", marker="o", ax=ax)
-        ax.set(title=f"{label.split(' (')[0].capitalize()} per epoch", xlabel="epoch", ylabel=label)
+        if metric == "acc" and n:
+            for split, color in zip(splits, sns.color_palette(n_colors=len(splits))):
+                if split in n and n[split]:
+                    _wilson_band(ax, df["epoch"], df[f"{split}_acc"], n[split], color)
+        ax.set(title=f"{label.split(' (')[0].capitalize()} per epoch" + (" (bands: 95% intervals)" if metric == "acc" and n else ""),
+               xlabel="epoch", ylabel=label)
     sns.lineplot(data=df, x="epoch", y="lr", marker="o", ax=axes[2], color="tab:gray")
     axes[2].set(title="Learning rate at the end of each epoch", xlabel="epoch", ylabel="learning rate")
     fig.suptitle(title)
@@ -101,9 +119,50 @@ def metrics_table(m: dict, n_test: int | None = None, n_val: int | None = None) 
     return pd.DataFrame(rows, columns=["metric", "value"]).set_index("metric")
 
 
-def epoch_curves(histories: dict[str, Sequence[dict]], title: str) -> plt.Figure:
+def seed_table(reps: Sequence, n_test: int, n_val: int) -> pd.DataFrame:
+    """The baseline over its training seeds (`train.replicates`): each run's test accuracy with its 95% Wilson
+    interval and its validation accuracy, then their mean ± sd over the seeds."""
+    rows = []
+    for r in reps:
+        m = r.metrics
+        lo, hi = stats.wilson(round(m["test_acc"] * n_test / 100), n_test)
+        rows.append({"training seed": str(r.run.params.get("train_seed", r.run.params["seed"])),
+                     "test accuracy (%)": m["test_acc"], "test 95% interval (%)": stats.interval_text(lo, hi),
+                     "validation accuracy (%)": m.get("val_acc"), "training time (s)": m["train_time_s"],
+                     "run": str(r.run)})
+    df = pd.DataFrame(rows)
+    if len(rows) > 1:
+        t, v = stats.spread(df["test accuracy (%)"]), stats.spread(df["validation accuracy (%)"].dropna())
+        df.loc[len(df)] = {"training seed": f"mean ± sd ({t.n} seeds)", "test accuracy (%)": t.mean,
+                           "test 95% interval (%)": f"sd {t.sd:.2f}; mean {stats.interval_text(t.low, t.high)}",
+                           "validation accuracy (%)": v.mean, "training time (s)": df["training time (s)"].mean(),
+                           "run": ""}
+    return df.set_index("training seed")
+
+
+def seed_spread(reps: Sequence, n_test: int, title: str = "Baseline over training seeds") -> plt.Figure:
+    """Each seed's test accuracy with its 95% Wilson interval (the test sample's noise), and the mean ± sd over the
+    seeds (the training seed's noise) as a band."""
+    accs = [r.metrics["test_acc"] for r in reps]
+    seeds = [str(r.run.params.get("train_seed", r.run.params["seed"])) for r in reps]
+    ci = [stats.wilson(round(a * n_test / 100), n_test) for a in accs]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.errorbar(seeds, accs, yerr=[[a - lo for a, (lo, _) in zip(accs, ci)], [hi - a for a, (_, hi) in zip(accs, ci)]],
+                fmt="o", capsize=4, label="test accuracy, 95% interval (test sample)")
+    if len(accs) > 1:
+        s = stats.spread(accs)
+        ax.axhspan(s.mean - s.sd, s.mean + s.sd, color="tab:orange", alpha=0.2, label=f"mean ± sd over seeds ({s.sd:.2f} pt)")
+        ax.axhline(s.mean, color="tab:orange", lw=1)
+    ax.set(title=title, xlabel="training seed", ylabel="test accuracy (%)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def epoch_curves(histories: dict[str, Sequence[dict]], title: str, n: dict[str, int] | None = None) -> plt.Figure:
     """Train (dashed) and validation (solid) loss and accuracy per epoch, one colour per model (the test split
-    where a history has no validation figures)."""
+    where a history has no validation figures); with `n` (images per split: `val`, `test`), each held-out accuracy
+    curve carries its 95% Wilson band."""
     rows = []
     for name, history in histories.items():
         for r in history:
@@ -117,7 +176,16 @@ def epoch_curves(histories: dict[str, Sequence[dict]], title: str) -> plt.Figure
     for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy (%)")):
         sns.lineplot(data=df, x="epoch", y=metric, hue="model", style="split", style_order=held + ["train"],
                      markers=True, ax=ax)
-        ax.set(title=f"{label.split(' (')[0].capitalize()} per epoch", xlabel="epoch", ylabel=label)
+        banded = metric == "acc" and bool(n)
+        if banded:
+            for model, color in zip(df["model"].unique(), sns.color_palette(n_colors=df["model"].nunique())):
+                for split in held:
+                    size = (n or {}).get({"validation": "val"}.get(split, split))
+                    part = df[(df["model"] == model) & (df["split"] == split)]
+                    if size and len(part):
+                        _wilson_band(ax, part["epoch"], part["acc"], size, color)
+        ax.set(title=f"{label.split(' (')[0].capitalize()} per epoch" + (" (bands: 95% intervals)" if banded else ""),
+               xlabel="epoch", ylabel=label)
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
@@ -125,10 +193,17 @@ def epoch_curves(histories: dict[str, Sequence[dict]], title: str) -> plt.Figure
 
 
 def tradeoff(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str, label: str = "method",
-             logx: bool = False, reference: float | None = None, reference_label: str = "") -> plt.Figure:
-    """One point per row of `df` (colour and marker name it in the legend): a trade-off such as accuracy vs size."""
+             logx: bool = False, reference: float | None = None, reference_label: str = "",
+             acc: str | None = None, n: int | None = None) -> plt.Figure:
+    """One point per row of `df` (colour and marker name it in the legend): a trade-off such as accuracy vs size.
+    `acc` (the column `x` or `y` that is an accuracy measured on `n` images) gets 95% Wilson error bars."""
     fig, ax = plt.subplots(figsize=(11, 5.5))
-    sns.scatterplot(data=df, x=x, y=y, hue=label, style=label, s=130, ax=ax)
+    if acc and n:
+        err = wilson_err(df[acc], n)
+        ax.errorbar(df[x], df[y], **({"yerr": err} if acc == y else {"xerr": err}), fmt="none", ecolor="gray",
+                    alpha=0.6, capsize=3, zorder=1)
+        title += " (bars: 95% intervals)"
+    sns.scatterplot(data=df, x=x, y=y, hue=label, style=label, s=130, ax=ax, zorder=2)
     if reference is not None:
         ax.axhline(reference, color="gray", linestyle="--", label=reference_label)
     if logx:
@@ -227,9 +302,13 @@ def bars(df: pd.DataFrame, x: str, y: str, title: str, ylabel: str) -> plt.Figur
 
 
 def lines(df: pd.DataFrame, x: str, y: str, hue: str, title: str, xlabel: str, ylabel: str, style: str | None = None,
-          logx: bool = False, reference: float | None = None, reference_label: str = "") -> plt.Figure:
-    """One line per `hue` value (and dash pattern per `style`), markers at the measured points."""
+          logx: bool = False, reference: float | None = None, reference_label: str = "", n: int | None = None) -> plt.Figure:
+    """One line per `hue` value (and dash pattern per `style`), markers at the measured points; with `n`, `y` is an
+    accuracy measured on `n` images and each point gets its 95% Wilson error bar."""
     fig, ax = plt.subplots(figsize=(11, 5.5))
+    if n:
+        ax.errorbar(df[x], df[y], yerr=wilson_err(df[y], n), fmt="none", ecolor="gray", alpha=0.5, capsize=3, zorder=1)
+        title += " (bars: 95% intervals)"
     sns.lineplot(data=df.sort_values(x), x=x, y=y, hue=hue, style=style, markers=True, markersize=9, ax=ax)
     if reference is not None:
         ax.axhline(reference, color="gray", linestyle=":", label=reference_label)

@@ -11,6 +11,16 @@ information. Here:
 - `verdicts`: one plain word per comparison, "better", "worse" or "no detectable difference", with the p-values
   of a table adjusted together (Benjamini-Hochberg, scipy's `false_discovery_control`), so that a table of twenty
   comparisons does not name a winner by chance.
+
+The test set is one source of noise; the training seed is the other (another seed, or another CPU's rounding,
+gives another trajectory). With the baseline trained on several seeds:
+
+- `spread`: mean, standard deviation and the 95% t-interval of the mean of one model's accuracies over seeds;
+- `seed_band`: how far a model's Δ against the baseline moves by seed noise alone (95%), from the baseline's
+  spread over its seeds, assuming a compressed model varies over seeds as much as the baseline does;
+- `seed_test`: with the model itself trained on ≥ 2 seeds, each paired with the baseline of its own seed, the
+  one-sample t-test of those Δs;
+- `overall`: a difference is "better" or "worse" only when the test-set test *and* the seed noise both say so.
 """
 from __future__ import annotations
 
@@ -70,6 +80,15 @@ def mcnemar(right_a: np.ndarray, right_b: np.ndarray) -> Paired:
                   a_only, b_only, float(min(p, 1.0)))
 
 
+def pooled(pairs: list[Paired]) -> Paired:
+    """The paired comparisons of one model against its baseline over several seeds pooled: accuracies averaged,
+    discordant images summed, McNemar's exact test on the sums."""
+    a, b = sum(pr.a_only for pr in pairs), sum(pr.b_only for pr in pairs)
+    p = sp.binomtest(a, a + b, 0.5).pvalue if a + b else 1.0
+    return Paired(float(np.mean([pr.acc_a for pr in pairs])), float(np.mean([pr.acc_b for pr in pairs])), a, b,
+                  float(min(p, 1.0)))
+
+
 def adjusted(p_values: list[float]) -> list[float]:
     """Benjamini-Hochberg adjusted p-values of one table's comparisons (the false discovery rate)."""
     if not p_values:
@@ -105,3 +124,66 @@ def against(reference: np.ndarray, models: dict[str, np.ndarray], alpha: float =
 
 def interval_text(lo: float, hi: float) -> str:
     return f"{lo:.1f}–{hi:.1f}"
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Values over seeds: how many, their mean, their sample standard deviation (nan below 2) and the 95%
+    t-interval of the mean (nan below 2)."""
+    n: int
+    mean: float
+    sd: float
+    low: float
+    high: float
+
+    def text(self, digits: int = 2) -> str:
+        if self.n < 2:
+            return f"{self.mean:.{digits}f} (1 seed)"
+        return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f} (n={self.n})"
+
+
+def spread(values: list[float] | np.ndarray, level: float = LEVEL) -> Spread:
+    v = np.asarray(values, float)
+    if v.size == 0:
+        raise ValueError("a spread needs at least one value")
+    mean = float(v.mean())
+    if v.size < 2:
+        return Spread(1, mean, float("nan"), float("nan"), float("nan"))
+    sd = float(v.std(ddof=1))
+    half = float(sp.t.ppf(0.5 + level / 2, v.size - 1)) * sd / np.sqrt(v.size)
+    return Spread(int(v.size), mean, sd, mean - half, mean + half)
+
+
+def seed_band(baseline: Spread, n: int = 1, level: float = LEVEL) -> float:
+    """Half-width (pt) of the band within which the mean over `n` seeds of a model's Δ against the baseline (each
+    Δ against a baseline of another seed, or of the same seed's replicate) falls by seed noise alone, at `level`:
+    t(k−1) · sd · √(2/n), with `baseline` the spread of the baseline over its k seeds (the model assumed to vary
+    over seeds like the baseline). nan when the baseline has fewer than 2 seeds (the spread is not measured)."""
+    if baseline.n < 2:
+        return float("nan")
+    return float(sp.t.ppf(0.5 + level / 2, baseline.n - 1)) * baseline.sd * float(np.sqrt(2 / n))
+
+
+def seed_test(deltas: list[float] | np.ndarray) -> float:
+    """Two-sided p-value of the one-sample t-test that a model's Δs over seeds (each against the baseline of its
+    own seed) have mean 0; nan below 2 seeds, 1 when every Δ is 0."""
+    d = np.asarray(deltas, float)
+    if d.size < 2:
+        return float("nan")
+    if np.allclose(d, d[0]):
+        return 1.0 if d[0] == 0 else 0.0
+    return float(sp.ttest_1samp(d, 0.0).pvalue)
+
+
+def overall(test_verdict: str, delta: float, band: float = float("nan"), seed_p: float = float("nan"),
+            alpha: float = ALPHA) -> str:
+    """The verdict of a Δ read against both sources of noise: the test-set verdict (paired test) stands only if
+    the seeds agree: with the model on ≥ 2 seeds, their t-test (`seed_p`) is below `alpha`; else, with the
+    baseline's spread measured, |Δ| exceeds the seed band. Neither measured: the test-set verdict alone."""
+    if test_verdict not in (BETTER, WORSE):
+        return test_verdict
+    if not np.isnan(seed_p):
+        return test_verdict if seed_p < alpha else SAME
+    if not np.isnan(band):
+        return test_verdict if abs(delta) > band else SAME
+    return test_verdict

@@ -126,6 +126,7 @@ class Result:
     ctx: "Context"
     models: list[Model]
     extras: dict[str, Any] = field(default_factory=dict)  # stage analyses (sensitivity, curves)
+    bases: dict[str, Model] = field(default_factory=dict)  # the baselines of replicates (run key -> root)
 
     @property
     def baseline(self) -> train.BaselineResult:
@@ -134,6 +135,20 @@ class Result:
     def add(self, *made: Model) -> None:
         seen = {m.ref for m in self.models}
         self.models += [m for m in made if m.ref not in seen and not seen.add(m.ref)]
+
+    def roots(self) -> dict[str, Model]:
+        """The baseline runs of this result (one, or one per replicate seed), by run key: each model's reference."""
+        return {self.ctx.root.run.key: self.ctx.root, **self.bases,
+                **{m.run.key: m for m in self.models if m.row["technique"] == "baseline"}}
+
+    def root_of(self, m: Model) -> Model:
+        """The baseline `m` descends from (its Δ and paired test are against it)."""
+        roots = self.roots()
+        return roots.get(m.row["baseline"], self.ctx.root) if m.row["technique"] != "baseline" else roots.get(
+            m.run.key, self.ctx.root)
+
+    def replicated(self) -> bool:
+        return len(self.roots()) > 1
 
     def names(self) -> list[str]:
         """Each model's name in tables: its lineage, with its seed (or run key) where two share a lineage."""
@@ -168,14 +183,19 @@ class Context:
     """What every step of a stage shares: its params, the baseline (looked up, never trained here), the run
     store and the compute device."""
 
-    def __init__(self, p: dict[str, Any]):
+    def __init__(self, p: dict[str, Any], train_seed: int | None = None):
         self.p = p
-        self.base, self.bp = train.trained_baseline(p["baseline"], p)
+        self.base, self.bp = train.trained_baseline(p["baseline"], p, train_seed)
         self.dataset = self.base.dataset
         self.store = runs.RunStore(p["run_root"])
         self.device = train.pick_device(p["device"])
         self.root = self._root()
         self.read: list[str] = [self.root.ref]  # every run read or made, for the report's up-to-date check
+        replicates = train.replicate_runs(p["baseline"], p)
+        self.read += [f"{r.stage}/{r.key}" for r in replicates.values()]
+        # the baseline's test accuracy over its training seeds: the seed noise every Δ is read against
+        self.baseline_spread = stats.spread([r.metrics["test_acc"] for r in replicates.values()] or
+                                            [self.base.metrics["test_acc"]])
 
     # -- one evaluation protocol, one device policy
     def eval_device(self, cpu_only: bool = False) -> torch.device:
@@ -346,6 +366,21 @@ class Context:
         return model
 
 
+def replicated(p: dict[str, Any], one: Callable[[Context, bool], Result]) -> Result:
+    """A stage's result: `one(ctx, first)` from the baseline of `seed`, then, for each of `p['baseline_seeds']`,
+    the same sweep from that seed's baseline replicate, fine-tuned with that seed (each model its own run); the
+    replicates' models (and their baselines) added to the first result. `first` is False for a replicate, so a
+    stage computes its analyses (sensitivity, curves) once."""
+    result = one(Context(p), True)
+    for s in p["baseline_seeds"]:
+        if s != result.ctx.bp["seed"]:
+            other = one(Context({**p, "seed": s}, s), False)
+            result.add(*other.models)
+            result.bases[other.ctx.root.run.key] = other.ctx.root
+            result.ctx.read += other.ctx.read
+    return result
+
+
 def link_settings(kind: str, given: dict[str, Any], p: dict[str, Any]) -> dict[str, Any]:
     """A link's complete settings: the technique's own defaults (its notebook's default params file), then, for a
     technique that fine-tunes, the stage's fine-tuning recipe (its top-level keys in `p`), then what the link
@@ -373,11 +408,11 @@ def table(result: Result, speed: dict[str, dict] | None = None) -> pd.DataFrame:
     import pandas as pd
 
     names = result.names()
-    base = result.ctx.root.row
     parents = {m.ref: m.row for m in result.models}
     rows = []
     for name, m in zip(names, result.models):
         r = m.row
+        base = result.root_of(m).row
         parent = parents.get(r["parent"]) if r["parent"] else None
         mac_reduction = base["macs"] / r["macs"]
         row = {"model": name, **{k: r.get(k) for k in FIELDS},
@@ -396,8 +431,9 @@ def table(result: Result, speed: dict[str, dict] | None = None) -> pd.DataFrame:
 
 
 def _uncertainty(result: Result, rows: list[dict[str, Any]]) -> None:
-    """Each row's Wilson interval of its test accuracy and, against the baseline (the Δ column's reference),
-    McNemar's exact test on the per-image predictions the runs stored, the p-values adjusted over the table."""
+    """Each row's Wilson interval of its test accuracy and, against its baseline (the Δ column's reference; each
+    replicate's own), McNemar's exact test on the per-image predictions the runs stored, the p-values adjusted over
+    the table."""
     labels = result.ctx.dataset.test.labels.cpu().numpy()
 
     def right(run: runs.Run) -> np.ndarray | None:
@@ -406,16 +442,85 @@ def _uncertainty(result: Result, rows: list[dict[str, Any]]) -> None:
         except (runs.RunStoreError, KeyError, ValueError):  # a run stored before predictions were: no interval
             return None
 
-    root = str(result.ctx.root.run)
     rights = {row["model"]: right(m.run) for row, m in zip(rows, result.models)}
-    roots = {row["model"] for row, m in zip(rows, result.models) if str(m.run) == root}
-    reference = next((rights[name] for name in roots), None) if roots else right(result.ctx.root.run)
-    judged = {} if reference is None else stats.against(
-        reference, {name: r for name, r in rights.items() if r is not None and name not in roots})
+    roots = {row["model"] for row, m in zip(rows, result.models) if m.row["technique"] == "baseline"}
+    pairs, names = [], []
+    for row, m in zip(rows, result.models):
+        mine, ref = rights[row["model"]], right(result.root_of(m).run)
+        if row["model"] not in roots and mine is not None and ref is not None:
+            pairs.append(stats.mcnemar(mine, ref))
+            names.append(row["model"])
+    judged = dict(zip(names, stats.verdicts(pairs)))
+    band = stats.seed_band(result.ctx.baseline_spread)
     for row in rows:
         r = rights[row["model"]]
         row[ACC_CI] = None if r is None else stats.interval_text(*stats.interval(r))
         row[P_BASELINE], row[VERDICT] = judged.get(row["model"], (None, "reference" if row["model"] in roots else None))
+        if row["model"] in judged:
+            row[VERDICT] = stats.overall(row[VERDICT], row[DELTA], band)
+
+
+def noise(result: Result) -> str:
+    """What a table's verdicts were read against, in a sentence (for under a stage's table)."""
+    s = result.ctx.baseline_spread
+    test = ("Verdicts: McNemar's exact test on the test images where a model and its baseline disagree, "
+            "Benjamini–Hochberg over the table, 5%")
+    if s.n < 2:
+        return (test + ". The baseline was trained on one seed here, so the seed noise is not measured: a verdict "
+                "covers the test sample only (add `seeds` to the baseline's params to measure it).")
+    return (test + f"; and a verdict stands only when |Δ| also exceeds the seed noise: the baseline over {s.n} "
+            f"training seeds scored {s.mean:.2f} ± {s.sd:.2f}% (sd), so one model's Δ moves by up to "
+            f"±{stats.seed_band(s):.2f} pt (95%) by the seed alone.")
+
+
+def spread_table(result: Result) -> pd.DataFrame:
+    """One row per recipe trained on several seeds (its models differ only in seed; the baselines too): the test
+    accuracy's mean ± sd over seeds, the Δ against the baseline of each model's own seed (mean, sd, 95% t-interval),
+    the seeds' t-test, the pooled paired test (McNemar on the discordant images summed over seeds) and the
+    verdict both must support. Empty when no recipe has two seeds."""
+    import pandas as pd
+
+    labels = result.ctx.dataset.test.labels.cpu().numpy()
+    groups: dict[str, list[Model]] = {}
+    for m in result.models:
+        groups.setdefault(recipe_key(m, result), []).append(m)
+    rows = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        first = members[0]
+        accs = stats.spread([m.row["test_acc"] for m in members])
+        row = {"model": first.name, "technique": first.row["technique"], "lineage": first.row["lineage"],
+               "seeds": ", ".join(str(m.row.get("seed")) for m in members), "n": accs.n,
+               "test mean ± sd (%)": accs.text(), "test mean (%)": accs.mean, "test sd (pt)": accs.sd}
+        if first.row["technique"] != "baseline":
+            roots = [result.root_of(m) for m in members]
+            deltas = stats.spread([m.row["test_acc"] - r.row["test_acc"] for m, r in zip(members, roots)])
+            pairs = [stats.mcnemar(stats.correct(m.run.predictions()["test"].numpy(), labels),
+                                   stats.correct(r.run.predictions()["test"].numpy(), labels))
+                     for m, r in zip(members, roots)]
+            pooled = stats.pooled(pairs)
+            seed_p = stats.seed_test([m.row["test_acc"] - r.row["test_acc"] for m, r in zip(members, roots)])
+            row |= {"Δ mean ± sd (pt)": deltas.text(), "Δ mean (pt)": deltas.mean, "Δ sd (pt)": deltas.sd,
+                    "Δ 95% interval (pt)": stats.interval_text(deltas.low, deltas.high), "p (seeds, t-test)": seed_p,
+                    "p (pooled test images)": pooled.p,
+                    VERDICT: stats.overall(stats.verdict(pooled), deltas.mean, seed_p=seed_p)}
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("model") if rows else pd.DataFrame()
+
+
+def recipe_key(m: Model, result: Result) -> str:
+    """What a model is apart from its seed: its technique and settings without the seed, after its parent's recipe
+    (the baseline's: its params without the seed). Models that share it are the same recipe on other seeds."""
+    import json
+
+    if m.row["technique"] == "baseline":
+        return "baseline"
+    parents = {o.ref: o for o in result.models}
+    parent = parents.get(m.row["parent"])
+    settings = {k: v for k, v in (m.row.get("settings") or {}).items() if k != "seed"}
+    up = recipe_key(parent, result) if parent is not None else m.row["parent"]
+    return json.dumps([up, m.row["technique"], settings], sort_keys=True, default=str)
 
 
 THROUGHPUT = "CPU throughput"  # stands for the throughput column (its name carries the batch size) in `shown`

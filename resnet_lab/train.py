@@ -245,37 +245,79 @@ class BaselineResult:
     reused: bool
 
 
-def baseline(p: dict) -> BaselineResult:
-    """Train the baseline ResNet18 for params `p` (validated), or reuse the finished run."""
+def baseline(p: dict, train_seed: int | None = None) -> BaselineResult:
+    """Train the baseline ResNet18 for params `p` (validated), or reuse the finished run. `train_seed` (one of
+    `p['seeds']`) trains a replicate: the same data split (of `p['seed']`), another initialisation, order and
+    augmentation, its own run."""
     store = runs.RunStore(p["run_root"])
-    run = store.run("baseline", p)
+    run = store.run("baseline", run_params(p, train_seed))
     dataset = data_mod.from_params(p)  # fails here, before any training, if the data is missing
     with run.lock():
         reused = run.done and p["reuse"]
         if not reused:
-            _train_baseline(run, dataset, p)
+            _train_baseline(run, dataset, {**p, "seed": training_seed(p, train_seed)})
         return _finished_baseline(run, dataset, p, reused)
+
+
+def replicates(p: dict) -> list[BaselineResult]:
+    """The baseline of `p` trained with each of its training seeds (`p['seed']` first, then `p['seeds']`), each
+    its own run, reused when finished: the spread of the recipe over seeds."""
+    return [baseline(p, s) for s in seeds_of(p)]
+
+
+def seeds_of(p: dict) -> list[int]:
+    """The baseline's training seeds: `seed` first, then the others of `seeds`."""
+    return [p["seed"]] + [s for s in p.get("seeds", []) if s != p["seed"]]
+
+
+def training_seed(p: dict, train_seed: int | None) -> int:
+    return p["seed"] if train_seed is None else train_seed
+
+
+def run_params(p: dict, train_seed: int | None = None) -> dict:
+    """What a baseline run of `p` is keyed by: its params without the list of seeds, with `train_seed` where it
+    differs from `seed` (so the run of `seed` keeps the key it always had)."""
+    q = {k: v for k, v in p.items() if k != "seeds"}
+    if train_seed is not None and train_seed != p["seed"]:
+        q["train_seed"] = train_seed
+    return q
 
 
 class UpstreamMissing(runs.RunStoreError):
     """A stage needs a run that an earlier notebook produces; the message says which and how."""
 
 
-def trained_baseline(params_file: str, p: dict) -> tuple[BaselineResult, dict]:
-    """The finished 01_baseline run of `params_file`, looked up in the run store of `p` (never trained here).
+def trained_baseline(params_file: str, p: dict, train_seed: int | None = None) -> tuple[BaselineResult, dict]:
+    """The finished 01_baseline run of `params_file` (its replicate of `train_seed`, if given), looked up in the
+    run store of `p` (never trained here).
 
-    Returns the result and the baseline's parameters (their data keys describe the dataset).
+    Returns the result and the baseline's parameters (their data keys describe the dataset; `seed` is the
+    run's training seed).
     """
     bp = params.load(runs.resolve(params_file), "baseline")
     bp.update(run_root=p["run_root"], progress=p["progress"])  # not part of the run's identity
-    run = runs.RunStore(bp["run_root"]).run("baseline", bp, create=False)
+    if train_seed is not None and train_seed not in seeds_of(bp):
+        raise params.ParamsError(f"baseline seed {train_seed} is not one of the training seeds of {params_file} "
+                                 f"({seeds_of(bp)}); add it to that file's 'seeds'")
+    run = runs.RunStore(bp["run_root"]).run("baseline", run_params(bp, train_seed), create=False)
     if not run.done:
         extra = f" -p run_root {bp['run_root']}" if bp["run_root"] != "runs" else ""
         raise UpstreamMissing(
-            f"this stage starts from the trained baseline of {params_file}, but {run} holds no finished run. "
+            f"this stage starts from the trained baseline of {params_file}"
+            f"{f' with training seed {train_seed}' if train_seed is not None else ''}, but {run} holds no finished run. "
             f"Produce it first with `papermill notebooks/01_baseline.ipynb out.ipynb -f {params_file}{extra}` "
             f"(or `python -m resnet_lab train {params_file}`); `make report` runs 01_baseline first.")
-    return _finished_baseline(run, data_mod.from_params(bp), bp, True), bp
+    seeded = {**bp, "seed": training_seed(bp, train_seed)}
+    return _finished_baseline(run, data_mod.from_params(bp), seeded, True), seeded
+
+
+def replicate_runs(params_file: str, p: dict) -> dict[int, runs.Run]:
+    """{training seed: run} of the finished runs of the baseline of `params_file` over its seeds (looked up in the
+    run store of `p`): the spread every Δ is read against."""
+    bp = params.load(runs.resolve(params_file), "baseline")
+    store = runs.RunStore(p["run_root"])
+    found = {s: store.run("baseline", run_params(bp, s), create=False) for s in seeds_of(bp)}
+    return {s: run for s, run in found.items() if run.done}
 
 
 def load_model(run: runs.Run) -> nn.Module:

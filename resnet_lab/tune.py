@@ -115,7 +115,7 @@ def sample(trial: optuna.Trial, space: dict, base: dict) -> dict[str, Any]:
 
 def recipe(p: dict) -> dict[str, Any]:
     """The base recipe: the baseline-stage keys of the optuna params."""
-    return {k: p[k] for k in params_mod.SCHEMAS["baseline"]}
+    return {k: p[k] for k in params_mod.SCHEMAS["baseline"] if k in p}
 
 
 def trial_params(p: dict, values: dict[str, Any]) -> dict[str, Any]:

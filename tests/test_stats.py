@@ -98,3 +98,48 @@ def test_models_paired_with_one_reference_are_judged_together():
     assert judged["same"] == (1.0, stats.SAME)
     assert judged["better"][1] == stats.BETTER and judged["better"][0] == pytest.approx(2 * 2 * 0.5 ** 60)
     assert stats.interval(better) == stats.wilson(60, 1000)
+
+
+def test_a_spread_over_seeds_gives_mean_sample_sd_and_the_t_interval():
+    s = stats.spread([72.0, 74.0, 76.0])
+    assert (s.n, s.mean, s.sd) == (3, 74.0, 2.0)
+    # t(2, 0.975) = 4.3027: mean ± 4.3027 · 2 / √3
+    assert (s.low, s.high) == pytest.approx((74 - 4.96837, 74 + 4.96837), abs=1e-4)
+    assert s.text() == "74.00 ± 2.00 (n=3)"
+    one = stats.spread([73.5])
+    assert one.n == 1 and math.isnan(one.sd) and one.text() == "73.50 (1 seed)"
+    with pytest.raises(ValueError):
+        stats.spread([])
+
+
+def test_the_seed_band_grows_with_the_baseline_spread_and_shrinks_with_the_model_seeds():
+    base = stats.spread([72.0, 74.0, 76.0])  # sd 2 over 3 seeds
+    assert stats.seed_band(base) == pytest.approx(4.302653 * 2 * math.sqrt(2), rel=1e-5)
+    assert stats.seed_band(base, n=2) == pytest.approx(4.302653 * 2, rel=1e-5)
+    assert math.isnan(stats.seed_band(stats.spread([73.0])))  # one seed: the seed noise is not measured
+
+
+def test_a_test_set_verdict_stands_only_when_the_seeds_support_it():
+    # 60 more images right: the paired test says better ...
+    pair = stats.mcnemar(np.r_[np.ones(60, bool), np.zeros(940, bool)], np.zeros(1000, bool))
+    assert stats.verdict(pair) == stats.BETTER
+    # ... but a +6 pt Δ inside a ±11 pt seed band is no finding
+    assert stats.overall(stats.BETTER, 6.0, band=11.3) == stats.SAME
+    assert stats.overall(stats.BETTER, 6.0, band=3.0) == stats.BETTER
+    assert stats.overall(stats.WORSE, -6.0) == stats.WORSE  # no seed spread measured: the test set alone
+    assert stats.overall(stats.SAME, 6.0, band=0.1) == stats.SAME  # the test set never supported it
+    # with the model on several seeds, their t-test decides the seed side
+    assert stats.overall(stats.BETTER, 6.0, band=11.3, seed_p=0.01) == stats.BETTER
+    assert stats.overall(stats.BETTER, 6.0, band=0.1, seed_p=0.2) == stats.SAME
+
+
+def test_the_seed_t_test_and_the_pooled_paired_test():
+    assert stats.seed_test([-3.1, -2.9, -3.0]) < 0.001  # consistently worse on every seed
+    assert stats.seed_test([-3.0, 2.5, 0.4]) > 0.5  # the sign flips with the seed
+    assert stats.seed_test([0.0, 0.0]) == 1.0 and math.isnan(stats.seed_test([1.0]))
+    a = np.r_[np.ones(20, bool), np.zeros(80, bool)]
+    b = np.r_[np.zeros(10, bool), np.ones(10, bool), np.zeros(80, bool)]
+    one = stats.mcnemar(a, b)  # 10 images only a gets right, none only b
+    both = stats.pooled([one, one])
+    assert (both.a_only, both.b_only) == (20, 0) and both.p < one.p
+    assert both.acc_a == pytest.approx(20.0) and both.acc_b == pytest.approx(10.0)

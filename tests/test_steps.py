@@ -123,6 +123,35 @@ def test_seeds_give_one_run_per_seed_told_apart_by_name(baseline):
     assert result.names()[1:] == [f"{a.name}, seed 0", f"{a.name}, seed 1"]
 
 
+def test_a_stage_replicated_over_baseline_seeds_reads_each_model_against_its_own_seed(baseline):
+    bp = params.load(PARAMS / "smoke.yaml", "baseline")
+    bp.update(run_root=str(baseline), progress=False)
+    train.baseline(bp, 1)  # the smoke baseline's replicate of seed 1
+    s = _stage_params("svd_smoke.yaml", "svd", baseline, ranks=[0.5], variants=[], scratch_ranks=[], epochs=1, then=[],
+                      baseline_seeds=[0, 1])
+    result = factorization.run(s)
+    assert result.replicated() and len(result.roots()) == 2
+    assert [m.row["seed"] for m in result.models] == [0, 0, 1, 1]
+    assert result.names() == ["baseline (FP32), seed 0", "SVD 0.5 of full rank, seed 0",
+                              "baseline (FP32), seed 1", "SVD 0.5 of full rank, seed 1"]
+    roots = [result.root_of(m) for m in result.models]
+    assert [r.row["seed"] for r in roots] == [0, 0, 1, 1]
+    df = steps.table(result)
+    for (name, row), root in zip(df.iterrows(), roots):
+        assert row[steps.DELTA] == pytest.approx(result.models[list(df.index).index(name)].row["test_acc"] - root.row["test_acc"])
+    assert df[steps.VERDICT].iloc[[0, 2]].tolist() == ["reference", "reference"]
+    spread = steps.spread_table(result)
+    assert list(spread["n"]) == [2, 2] and list(spread["technique"]) == ["baseline", "svd"]
+    deltas = [m.row["test_acc"] - r.row["test_acc"] for m, r in zip(result.models, roots) if m.row["technique"] == "svd"]
+    assert spread.iloc[1]["Δ mean (pt)"] == pytest.approx(np.mean(deltas))
+    assert spread.iloc[1][steps.VERDICT] in (stats.BETTER, stats.WORSE, stats.SAME)
+    assert result.ctx.baseline_spread.n == 2  # the baseline's seeds found in the store: the seed noise is measured
+    assert "training seeds" in steps.noise(result)
+    # the replicate's runs are keyed by its own baseline: a rerun reuses all of them
+    again = factorization.run(s)
+    assert [m.run.key for m in again.models] == [m.run.key for m in result.models]
+
+
 def test_quantization_starts_from_the_model_its_params_name(baseline, chains):
     _, pruned, _, _ = chains
     link = {"prune": {"method": "ln_structured", "scope": "layer", "amount": 0.5, "round_to": 1, "epochs": 1,

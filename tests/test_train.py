@@ -78,6 +78,29 @@ def test_baseline_stage_stores_and_then_reuses_its_run(smoke):
     assert torch.equal(first.model(x), second.model(x))
 
 
+def test_baseline_seeds_train_one_run_per_seed_on_the_same_split(smoke):
+    assert smoke["seeds"] == [0, 1, 2]  # the smoke file's, from the default file
+    alone = train.baseline({**smoke, "seeds": []})
+    reps = train.replicates(smoke)
+    assert [r.run.params.get("train_seed") for r in reps] == [None, 1, 2]
+    assert reps[0].run.dir == alone.run.dir and reps[0].reused  # the run of `seed` keeps its key
+    assert {r.run.params["seed"] for r in reps} == {0}  # the split's seed; the training seed is its own key
+    assert len({r.run.key for r in reps}) == 3
+    w0, w1 = (next(iter(r.model.state_dict().values())) for r in reps[:2])
+    assert not torch.equal(w0, w1)  # another initialisation
+    assert torch.equal(reps[0].dataset.val.labels, reps[1].dataset.val.labels)  # the same held-out images
+    assert all(r.reused for r in train.replicates(smoke))
+    found = train.replicate_runs(str(runs.PROJECT_ROOT / "params" / "smoke.yaml"), smoke)
+    assert {s: r.dir for s, r in found.items()} == {s: r.run.dir for s, r in zip((0, 1, 2), reps)}
+    looked_up, bp = train.trained_baseline(str(runs.PROJECT_ROOT / "params" / "smoke.yaml"), smoke, 2)
+    assert looked_up.run.dir == reps[2].run.dir and bp["seed"] == 2
+
+
+def test_a_stage_asking_for_a_baseline_seed_the_baseline_does_not_have_is_refused(smoke):
+    with pytest.raises(params.ParamsError, match="not one of the training seeds"):
+        train.trained_baseline(str(runs.PROJECT_ROOT / "params" / "smoke.yaml"), smoke, 7)
+
+
 def test_models_with_a_narrow_strided_1x1_conv_train_in_nchw_on_the_cpu():
     """oneDNN's NHWC weight gradient of a strided 1x1 conv with fewer input channels than its SIMD block hangs,
     corrupts the heap or is wrong on AVX2 CPUs (oneDNN #6035): such models train in NCHW; the default width keeps

@@ -72,14 +72,16 @@ def run(p: dict[str, Any]) -> steps.Result:
     """Factorize the baseline of `p['baseline']` at every rank of every variant and fine-tune it, apply each
     variant's `then` chain; train the architectures of `p['scratch_ranks']` from scratch; each model is a run in
     the store, reused when finished."""
-    ctx = steps.Context(p)
-    result = steps.Result(ctx, [ctx.root])
-    ctx.check_chains(p["variants"])
-    ctx.sweep(result, "svd", p["variants"], "ranks", lambda v, rank: link_settings(v, rank, p))
-    for rank in p["scratch_ranks"]:
-        top = {k: p[k] for k in params.SVD_VARIANT}
-        result.add(ctx.apply(ctx.root, ctx.link("svd", link_settings(top, rank, p, "scratch"))))
-    return result
+    def one(ctx: steps.Context, first: bool) -> steps.Result:
+        result = steps.Result(ctx, [ctx.root])
+        ctx.check_chains(p["variants"])
+        ctx.sweep(result, "svd", p["variants"], "ranks", lambda v, rank: link_settings(v, rank, ctx.p))
+        for rank in p["scratch_ranks"]:
+            top = {k: p[k] for k in params.SVD_VARIANT}
+            result.add(ctx.apply(ctx.root, ctx.link("svd", link_settings(top, rank, ctx.p, "scratch"))))
+        return result
+
+    return steps.replicated(p, one)
 
 
 COLUMNS = ["layers factorized", "left alone", steps.PARAMS, "compression (× fewer params)", steps.MACS,

@@ -178,14 +178,17 @@ def run(p: dict[str, Any]) -> steps.Result:
     """Prune the baseline of `p['baseline']` with every variant at every amount (and seed), fine-tune, then
     apply each variant's `then` chain; each model is a run in the store (reused when finished), reloaded from
     its saved file before it is measured."""
-    ctx = steps.Context(p)
-    result = steps.Result(ctx, [ctx.root])
-    ctx.check_chains(p["variants"])
-    if p["sensitivity_amounts"]:
-        result.extras["sensitivity"] = sensitivity(ctx, ctx.root, p["sensitivity_amounts"])
-    result.extras["curves"] = curves(ctx, p["variants"], p["curve_amounts"])
-    ctx.sweep(result, "prune", p["variants"], "amounts", lambda v, amount: link_settings(v, amount, p))
-    return result
+    def one(ctx: steps.Context, first: bool) -> steps.Result:
+        result = steps.Result(ctx, [ctx.root])
+        ctx.check_chains(p["variants"])
+        if first and p["sensitivity_amounts"]:
+            result.extras["sensitivity"] = sensitivity(ctx, ctx.root, p["sensitivity_amounts"])
+        if first:
+            result.extras["curves"] = curves(ctx, p["variants"], p["curve_amounts"])
+        ctx.sweep(result, "prune", p["variants"], "amounts", lambda v, amount: link_settings(v, amount, ctx.p))
+        return result
+
+    return steps.replicated(p, one)
 
 
 # ---------------------------------------------------------------- tables for the report

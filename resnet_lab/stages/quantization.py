@@ -103,23 +103,26 @@ registry.register(registry.Technique(
 def run(p: dict[str, Any]) -> steps.Result:
     """Apply every method of `p['methods']` to the start model (the baseline, or the end of `p['start']`);
     each is a run in the store (reused when finished), reloaded from its saved file before it is measured."""
-    ctx = steps.Context(p)
-    [start_links] = _one_chain(ctx, p)
-    chain = ctx.chain(ctx.root, start_links)
-    start = chain[-1] if chain else ctx.root
-    result = steps.Result(ctx, [start])
-    for method in p["methods"]:
-        if method in ("fp16", "bf16"):
-            links = [ctx.link(method, {})]
-        elif method == "int8":
-            links = [ctx.link("int8", {"backend": p["int8_backend"], "calibration_images": p["calibration_images"]})]
-        else:
-            links = [ctx.link("binaryconnect", {**{k: v[k] for k in params.BC_KEYS}, **recipe(p),
-                                                **{k: v[k] for k in ("epochs", "lr") if k in v}}, seed)
-                     for v in p["binaryconnect"] for seed in v.get("seeds") or [p["seed"]]]
-        for link in links:
-            result.add(ctx.apply(start, link))
-    return result
+    def one(ctx: steps.Context, first: bool) -> steps.Result:
+        q = ctx.p
+        [start_links] = _one_chain(ctx, q)
+        chain = ctx.chain(ctx.root, start_links)
+        start = chain[-1] if chain else ctx.root
+        result = steps.Result(ctx, [start])
+        for method in q["methods"]:
+            if method in ("fp16", "bf16"):
+                links = [ctx.link(method, {})]
+            elif method == "int8":
+                links = [ctx.link("int8", {"backend": q["int8_backend"], "calibration_images": q["calibration_images"]})]
+            else:
+                links = [ctx.link("binaryconnect", {**{k: v[k] for k in params.BC_KEYS}, **recipe(q),
+                                                    **{k: v[k] for k in ("epochs", "lr") if k in v}}, seed)
+                         for v in q["binaryconnect"] for seed in v.get("seeds") or [q["seed"]]]
+            for link in links:
+                result.add(ctx.apply(start, link))
+        return result
+
+    return steps.replicated(p, one)
 
 
 def _one_chain(ctx: steps.Context, p: dict[str, Any]) -> list[list[steps.Link]]:
