@@ -222,7 +222,8 @@ def show_table(df: pd.DataFrame, formats: dict | None = None):
     Styler, which renders as HTML."""
     style = df.style.format(precision=2, thousands=",", na_rep="")
     for col, fmt in (formats or {}).items():
-        style = style.format(fmt, subset=[col], na_rep="")
+        if col in df.columns:  # a column a table may lack (a seeds table of baselines only has no p-values)
+            style = style.format(fmt, subset=[col], na_rep="")
     text = [c for c in df.columns if df[c].dtype == object]
     return style.set_properties(subset=text, **{"text-align": "left"}) if text else style
 

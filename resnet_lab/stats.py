@@ -187,3 +187,16 @@ def overall(test_verdict: str, delta: float, band: float = float("nan"), seed_p:
     if not np.isnan(band):
         return test_verdict if abs(delta) > band else SAME
     return test_verdict
+
+
+def over_seeds(accs: list[float], deltas: list[float], pairs: list[Paired]) -> dict[str, object]:
+    """One recipe over its seeds: its test accuracies, its Δs (each against the baseline of its own seed) and
+    those paired comparisons: the figures of a row of a seeds table, and the verdict both sources must support
+    (the pooled paired test on the test images, and the t-test of the Δs over the seeds)."""
+    a, d = spread(accs), spread(deltas)
+    pooled_pair = pooled(pairs)
+    seed_p = seed_test(deltas)
+    return {"n": a.n, "test mean ± sd (%)": a.text(), "test mean (%)": a.mean, "test sd (pt)": a.sd,
+            "Δ mean ± sd (pt)": d.text(), "Δ mean (pt)": d.mean, "Δ sd (pt)": d.sd,
+            "Δ 95% interval (pt)": interval_text(d.low, d.high), "p (seeds, t-test)": seed_p,
+            "p (pooled test images)": pooled_pair.p, "verdict": overall(verdict(pooled_pair), d.mean, seed_p=seed_p)}

@@ -489,22 +489,19 @@ def spread_table(result: Result) -> pd.DataFrame:
         if len(members) < 2:
             continue
         first = members[0]
-        accs = stats.spread([m.row["test_acc"] for m in members])
         row = {"model": first.name, "technique": first.row["technique"], "lineage": first.row["lineage"],
-               "seeds": ", ".join(str(m.row.get("seed")) for m in members), "n": accs.n,
-               "test mean ± sd (%)": accs.text(), "test mean (%)": accs.mean, "test sd (pt)": accs.sd}
-        if first.row["technique"] != "baseline":
+               "seeds": ", ".join(str(m.row.get("seed")) for m in members)}
+        if first.row["technique"] == "baseline":
+            accs = stats.spread([m.row["test_acc"] for m in members])
+            row |= {"n": accs.n, "test mean ± sd (%)": accs.text(), "test mean (%)": accs.mean, "test sd (pt)": accs.sd}
+        else:
             roots = [result.root_of(m) for m in members]
-            deltas = stats.spread([m.row["test_acc"] - r.row["test_acc"] for m, r in zip(members, roots)])
             pairs = [stats.mcnemar(stats.correct(m.run.predictions()["test"].numpy(), labels),
                                    stats.correct(r.run.predictions()["test"].numpy(), labels))
                      for m, r in zip(members, roots)]
-            pooled = stats.pooled(pairs)
-            seed_p = stats.seed_test([m.row["test_acc"] - r.row["test_acc"] for m, r in zip(members, roots)])
-            row |= {"Δ mean ± sd (pt)": deltas.text(), "Δ mean (pt)": deltas.mean, "Δ sd (pt)": deltas.sd,
-                    "Δ 95% interval (pt)": stats.interval_text(deltas.low, deltas.high), "p (seeds, t-test)": seed_p,
-                    "p (pooled test images)": pooled.p,
-                    VERDICT: stats.overall(stats.verdict(pooled), deltas.mean, seed_p=seed_p)}
+            seen = stats.over_seeds([m.row["test_acc"] for m in members],
+                                    [m.row["test_acc"] - r.row["test_acc"] for m, r in zip(members, roots)], pairs)
+            row |= {k: v for k, v in seen.items() if k != "verdict"} | {VERDICT: seen["verdict"]}
         rows.append(row)
     return pd.DataFrame(rows).set_index("model") if rows else pd.DataFrame()
 

@@ -36,6 +36,10 @@ class Summary:
     runs: list[dict[str, str]] = field(default_factory=list)    # every run folder and what became of it
     correct: dict[str, np.ndarray] = field(default_factory=dict)  # model name -> per-test-image correctness
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # model name -> 95% Wilson (%)
+    # the reference baseline's test accuracy over its training seeds (recomputed), and the band a single model's Δ
+    # moves in by the seed alone (nan: one seed, not measured)
+    baseline_spread: stats.Spread | None = None
+    band: float = float("nan")
 
 
 def run(p: dict) -> Summary:
@@ -54,17 +58,41 @@ def run(p: dict) -> Summary:
         print(f"timing {len(out.models)} models on the CPU, side by side ...", flush=True)
     speed = metrics.compare_speed(out.models, p["measure_batch_size"], rounds=p["speed_rounds"], repeats=p["speed_repeats"])
     latency = metrics.compare_speed(out.models, p["latency_batch_size"], rounds=p["speed_rounds"], repeats=p["latency_repeats"])
-    reference_acc = out.rows[0][ACC]
-    reference = out.correct[out.rows[0]["model"]]
-    judged = stats.against(reference, {row["model"]: out.correct[row["model"]] for row in out.rows[1:]})
+    _judge(out)
     for row in out.rows:
-        row[DELTA] = row[ACC] - reference_acc
-        out.intervals[row["model"]] = stats.interval(out.correct[row["model"]])
-        row[ACC_CI] = stats.interval_text(*out.intervals[row["model"]])
-        row[P_BASELINE], row[VERDICT] = judged.get(row["model"], (float("nan"), "reference"))
         row[out.latency_col] = latency[row["model"]]["latency_ms"]
         row[out.throughput_col] = speed[row["model"]]["throughput_img_s"]
     return out
+
+
+def _judge(out: Summary) -> None:
+    """Each model's Δ, interval and verdict: against the baseline of its own training seed (the reference
+    baseline, or its replicate), paired image by image (McNemar, BH over the table); a model made from another
+    baseline, and that baseline, against the reference. A verdict stands only when |Δ| also exceeds the seed
+    band of the reference baseline's spread over its seeds. The reference's replicates make the spread."""
+    reference = out.rows[0]
+    seeds = {row["origin"]: row for row in out.rows if row["technique"] == "baseline" and row["replicate"] is not None}
+    out.baseline_spread = stats.spread([row[ACC] for row in seeds.values()] or [reference[ACC]])
+    out.band = stats.seed_band(out.baseline_spread)
+
+    def against(row: dict) -> dict | None:
+        if row["technique"] == "baseline" and row["replicate"] is not None:
+            return None  # the reference, or one of its seeds
+        return seeds.get(row["origin"], reference)
+
+    judged_rows = [row for row in out.rows if against(row) is not None]
+    pairs = [stats.mcnemar(out.correct[row["model"]], out.correct[against(row)["model"]]) for row in judged_rows]
+    judged = {row["model"]: v for row, v in zip(judged_rows, stats.verdicts(pairs))}
+    for row in out.rows:
+        ref = against(row)
+        row[DELTA] = row[ACC] - (ref or reference)[ACC]
+        out.intervals[row["model"]] = stats.interval(out.correct[row["model"]])
+        row[ACC_CI] = stats.interval_text(*out.intervals[row["model"]])
+        if ref is None:
+            row[P_BASELINE], row[VERDICT] = float("nan"), "reference" if row is reference else f"seed {row['replicate']}"
+        else:
+            p, verdict = judged[row["model"]]
+            row[P_BASELINE], row[VERDICT] = p, stats.overall(verdict, row[DELTA], out.band)
 
 
 class _Reader:
@@ -73,6 +101,8 @@ class _Reader:
         self.store = runs.RunStore(p["run_root"])
         self.baselines: dict[str, nn.Module] = {base.run.key: base.model.eval()}
         self.techniques, self.analyses = registry.techniques(), registry.analyses()
+        self.recipe = _without_seed(base.run.params)  # what a replicate of the reference baseline shares with it
+        self.keys: dict[str, str] = {}  # run ref -> recipe key (what a model is apart from its seed)
 
     def read(self, run: runs.Run) -> None:
         tech, analysis = self.techniques.get(run.stage), self.analyses.get(run.stage)
@@ -114,7 +144,9 @@ class _Reader:
         m = steps.measure(model, root if stored.get("pruned") else None, root)
         links = stored.get("links", 0)
         parent = stored.get("parent_label") or ""
+        replicate = self._replicate(origin)
         self.out.rows.append({
+            "origin": origin.key, "replicate": replicate, "recipe key": self._recipe_key(run),
             "group": tech.family if links <= 1 else "combination", "technique": run.stage, "family": tech.family,
             "links": links, "parent": parent, "model": name, "recipe": _recipe(obp if run.stage == "baseline" else stored.get("settings") or {}), ACC: acc,
             VAL: stored.get("val_acc"), "parameters": m["params"], "nonzero parameters": m["nonzero_params"],
@@ -130,18 +162,50 @@ class _Reader:
             self.baselines[run.key] = train.load_model(run)
         return self.baselines[run.key]
 
+    def _replicate(self, origin: runs.Run) -> int | None:
+        """The training seed of a baseline run that is the reference baseline or one of its replicates (the same
+        recipe and split, another seed); None for another baseline."""
+        if _without_seed(origin.params) != self.recipe:
+            return None
+        return origin.params.get("train_seed", origin.params["seed"])
+
+    def _recipe_key(self, run: runs.Run) -> str:
+        """What the model of `run` is apart from its seed: its technique and settings without the seed, after its
+        parent's recipe key (a baseline: its params without the training seed)."""
+        ref = f"{run.stage}/{run.key}"
+        if ref not in self.keys:
+            import json
+
+            if run.stage == "baseline":
+                key = ["baseline", _without_seed(run.params)]
+            else:
+                stage, _, parent_key = str(run.params.get("parent", "")).partition("/")
+                up = self._recipe_key(runs.Run(self.store, stage, parent_key)) if parent_key else ""
+                key = [up, run.stage, {k: v for k, v in run.params.items()
+                                       if k not in ("seed", "parent", "baseline", "device", "eval_batch_size")}]
+            self.keys[ref] = json.dumps(key, sort_keys=True, default=str)
+        return self.keys[ref]
+
     def _name(self, run: runs.Run, stored: dict) -> str:
+        origin = run if run.stage == "baseline" else runs.Run(self.store, "baseline", run.params["baseline"])
+        replicate = self._replicate(origin) if origin.key != self.base.run.key else None
         if run.stage == "baseline":
             name = f"baseline (FP32, width {run.params['width']})"
             if run.key != self.base.run.key:
-                name = f"other baseline (FP32, width {run.params['width']}, {run.key})"
+                name = (f"{name}, seed {replicate}" if replicate is not None
+                        else f"other baseline (FP32, width {run.params['width']}, {run.key})")
         else:
             name = stored["label"]
             if run.params["baseline"] != self.base.run.key:
-                name += f", from baseline {run.params['baseline']}"
+                name += f", seed {replicate}" if replicate is not None else f", from baseline {run.params['baseline']}"
         if name in self.out.models:  # the same lineage with another recipe or seed
             name += f" [{run.key}]"
         return name
+
+
+def _without_seed(baseline_params: dict) -> dict:
+    """A baseline run's params without its training seed: equal for the replicates of one recipe and split."""
+    return {k: v for k, v in baseline_params.items() if k not in ("train_seed", "seeds")}
 
 
 def _same_test_set(a: dict, b: dict) -> bool:
@@ -204,25 +268,56 @@ def criteria(s: Summary) -> dict[str, tuple[str, bool]]:
             "course score": ("course score", False), "MicroNet score": ("MicroNet score", False)}
 
 
+def competing(df: pd.DataFrame, max_drop: float) -> pd.DataFrame:
+    """The models that compete on cost: at most `max_drop` points below their baseline, and not found worse by the
+    statistics (the `vs baseline` verdict, read against the test sample and the seed noise)."""
+    ok = df[DELTA] >= -max_drop
+    if VERDICT in df:
+        ok &= df[VERDICT] != stats.WORSE
+    return df[ok]
+
+
 def best(s: Summary, df: pd.DataFrame, max_drop: float) -> pd.DataFrame:
-    """The best model per criterion: over all models, and over those at most `max_drop` points below the baseline."""
-    close = df[df[DELTA] >= -max_drop]
-    within = f"≤ {max_drop:g} pt below the baseline"
+    """The best model per criterion: over all models, and over those that compete on cost (`competing`). A cost
+    (size, MACs, time, score) is measured, so its best is named with its accuracy's verdict beside it; the most
+    accurate model is named only when the statistics find it better than the baseline, else the baseline stays."""
+    close = competing(df, max_drop)
+    within = f"≤ {max_drop:g} pt below the baseline, not worse"
     rows = {}
     for name, (col, higher) in criteria(s).items():
         row = {}
         for group, pool in (("any accuracy", df), (within, close)):
-            winner = pool[col].idxmax() if higher else pool[col].idxmin()
-            row |= {(group, "model"): winner, (group, "value"): pool.loc[winner, col], (group, ACC): pool.loc[winner, ACC]}
+            if col == ACC and VERDICT in pool:
+                better = pool[pool[VERDICT] == stats.BETTER]
+                winner = better[col].idxmax() if len(better) else df.index[0]
+            else:
+                winner = pool[col].idxmax() if higher else pool[col].idxmin()
+            row |= {(group, "model"): winner, (group, "value"): pool.loc[winner, col] if winner in pool.index else df.loc[winner, col],
+                    (group, ACC): df.loc[winner, ACC], (group, VERDICT): df.loc[winner, VERDICT] if VERDICT in df else ""}
         rows[f"{name} ({col.split('(', 1)[1].rstrip(')')})" if "(" in col else name] = row
     out = pd.DataFrame.from_dict(rows, orient="index")
     out.columns = pd.MultiIndex.from_tuples(out.columns)
     return out
 
 
+def most_accurate(df: pd.DataFrame) -> str:
+    """Which model is more accurate than the baseline, in a sentence the statistics support."""
+    if VERDICT not in df:
+        return ""
+    better = df[df[VERDICT] == stats.BETTER]
+    top = df.iloc[1:][ACC].idxmax() if len(df) > 1 else None
+    if len(better):
+        win = better[ACC].idxmax()
+        return f"{len(better)} model(s) more accurate than the baseline beyond the noise; the most accurate: {win} ({better.loc[win, DELTA]:+.2f} pt)"
+    if top is None:
+        return "no other model"
+    return (f"no model is detectably more accurate than the baseline (the highest point estimate, {top} at "
+            f"{df.loc[top, DELTA]:+.2f} pt, is within the noise)")
+
+
 def beats_baseline(s: Summary, df: pd.DataFrame) -> pd.DataFrame:
     """Per group of models (each technique family, and the combinations): how many are smaller or faster than
-    the baseline, and the best of each."""
+    the baseline, and the best of each (with its accuracy's Δ and verdict), and how many the statistics find worse."""
     ref = df.iloc[0]
     rows = {}
     for group in GROUPS[1:]:
@@ -232,6 +327,7 @@ def beats_baseline(s: Summary, df: pd.DataFrame) -> pd.DataFrame:
         more = mine[mine[s.throughput_col] > ref[s.throughput_col]]
         rows[group] = {
             "models": len(mine),
+            "worse (statistics)": int((mine[VERDICT] == stats.WORSE).sum()) if VERDICT in mine else 0,
             "smaller": len(smaller), "smallest": _best_of(smaller, SIZE, "{:,.0f} KB", ref[SIZE], "smaller"),
             "lower latency": len(faster),
             "lowest latency": _best_of(faster, s.latency_col, "{:.2f} ms", ref[s.latency_col], "faster"),
@@ -245,7 +341,8 @@ def _best_of(pool: pd.DataFrame, col: str, fmt: str, ref: float, word: str, high
         return "none"
     name = pool[col].idxmax() if higher else pool[col].idxmin()
     ratio = pool.loc[name, col] / ref if higher else ref / pool.loc[name, col]
-    return f"{name}: {fmt.format(pool.loc[name, col])} ({ratio:.2f}× {word}, {pool.loc[name, DELTA]:+.2f} pt)"
+    verdict = f", {pool.loc[name, VERDICT]}" if VERDICT in pool else ""
+    return f"{name}: {fmt.format(pool.loc[name, col])} ({ratio:.2f}× {word}, {pool.loc[name, DELTA]:+.2f} pt{verdict})"
 
 
 def course_target(s: Summary, df: pd.DataFrame, target: float) -> str:
@@ -267,11 +364,55 @@ def course_target(s: Summary, df: pd.DataFrame, target: float) -> str:
             f"(the FP32 baseline: {df.iloc[0][ACC]:.2f}%, score {df.iloc[0]['course score']:.4f}).")
 
 
+def noise(s: Summary) -> str:
+    """What the verdicts were read against, in a sentence."""
+    b = s.baseline_spread
+    test = ("Δ: against the baseline of the model's own training seed. Verdicts: McNemar's exact test on the test "
+            "images where the model and its baseline disagree, Benjamini–Hochberg over the table, 5%")
+    if b is None or b.n < 2:
+        return test + "; the baseline has one seed here, so the seed noise is not measured and the verdicts cover the test sample only."
+    return (test + f"; and only when |Δ| exceeds the seed band: the baseline over {b.n} training seeds scored "
+            f"{b.mean:.2f} ± {b.sd:.2f}% (sd), so a single model's Δ moves by up to ±{s.band:.2f} pt (95%) by the seed alone.")
+
+
+def seeds_table(s: Summary) -> pd.DataFrame:
+    """One row per recipe with two or more seeds in the store (the baseline's replicates, and each model made from
+    them): mean ± sd over the seeds, the Δs against the baseline of each seed, their t-test, the pooled paired test,
+    and the verdict both support. Empty when nothing has two seeds."""
+    groups: dict[str, list[dict]] = {}
+    for row in s.rows:
+        if row["replicate"] is not None:
+            groups.setdefault(row["recipe key"], []).append(row)
+    origins = {row["origin"]: row for row in s.rows if row["technique"] == "baseline" and row["replicate"] is not None}
+    out = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        first = members[0]
+        row = {"model": first["model"], "group": first["group"], "technique": first["technique"],
+               "seeds": ", ".join(str(m["replicate"]) for m in members)}
+        if first["technique"] == "baseline":
+            a = stats.spread([m[ACC] for m in members])
+            row |= {"n": a.n, "test mean ± sd (%)": a.text(), "test mean (%)": a.mean, "test sd (pt)": a.sd}
+        else:
+            bases = [origins[m["origin"]] for m in members]
+            seen = stats.over_seeds([m[ACC] for m in members], [m[ACC] - b[ACC] for m, b in zip(members, bases)],
+                                    [stats.mcnemar(s.correct[m["model"]], s.correct[b["model"]]) for m, b in zip(members, bases)])
+            row |= {k: v for k, v in seen.items() if k != "verdict"} | {VERDICT: seen["verdict"]}
+        out.append(row)
+    return pd.DataFrame(out).set_index("model") if out else pd.DataFrame()
+
+
 def headline(s: Summary, df: pd.DataFrame, max_drop: float) -> str:
-    close = df[df[DELTA] >= -max_drop]
+    close = competing(df, max_drop)
     small, score = close[SIZE].idxmin(), close["course score"].idxmin()
     bad = unusable(s)
-    return (f"{len(df)} models re-measured side by side; within {max_drop:g} pt of the baseline "
-            f"({df.iloc[0][ACC]:.1f}%): smallest {small} ({df.loc[small, SIZE]:,.0f} KB, "
-            f"{df.iloc[0][SIZE] / df.loc[small, SIZE]:.1f}× smaller), lowest course score {score} "
-            f"({df.loc[score, 'course score']:.3f})" + (f"; {len(bad)} unusable runs listed" if bad else ""))
+    worse = int((df[VERDICT] == stats.WORSE).sum()) if VERDICT in df else 0
+    b = s.baseline_spread
+    spread = f" ± {b.sd:.1f} over {b.n} seeds" if b is not None and b.n > 1 else ", one seed"
+    return (f"{len(df)} models re-measured side by side; baseline {df.iloc[0][ACC]:.1f}%{spread}. Within {max_drop:g} pt "
+            f"and not found worse: smallest {small} ({df.loc[small, SIZE]:,.0f} KB, "
+            f"{df.iloc[0][SIZE] / df.loc[small, SIZE]:.1f}× smaller, {df.loc[small, DELTA]:+.2f} pt: "
+            f"{df.loc[small, VERDICT] if VERDICT in df else 'not judged'}), lowest course score {score} "
+            f"({df.loc[score, 'course score']:.3f}); {worse} model(s) worse beyond the noise; {most_accurate(df)}"
+            + (f"; {len(bad)} unusable runs listed" if bad else ""))

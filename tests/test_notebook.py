@@ -32,7 +32,7 @@ def test_papermill_command_from_the_repo_root(tmp_path):
     outputs = _outputs(nbformat.read(out, as_version=4))
     assert not [o for o in outputs if o.output_type == "error"]
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(pngs) == 4  # curves, per-class accuracy, confusion matrix, samples; none shown twice
+    assert len(pngs) == 5  # curves, seed spread, per-class accuracy, confusion matrix, samples; none shown twice
     assert any(report.HEADLINE_KEY in o.get("metadata", {}) for o in outputs)
 
 

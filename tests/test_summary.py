@@ -139,6 +139,7 @@ def _frame():
     df = pd.DataFrame.from_dict(rows, orient="index", columns=["group", summary.ACC, summary.SIZE, summary.MACS, "lat",
                                                                 "thr", "course score"])
     df[summary.DELTA] = df[summary.ACC] - 73.0
+    df[summary.VERDICT] = ["reference"] + [stats.SAME] * 3 + [stats.WORSE] + [stats.SAME] * 2
     df["MicroNet score"] = df["course score"]
     return SimpleNamespace(latency_col="lat", throughput_col="thr"), df
 
@@ -156,19 +157,32 @@ def test_pareto_fronts_keep_exactly_the_models_nothing_beats():
 def test_best_per_criterion_over_all_and_within_the_allowed_drop():
     s, df = _frame()
     b = summary.best(s, df, max_drop=2.0)
-    within = "≤ 2 pt below the baseline"
+    within = "≤ 2 pt below the baseline, not worse"
     assert b.loc["size on disk (KB)", ("any accuracy", "model")] == "p_bad"
+    assert b.loc["size on disk (KB)", ("any accuracy", summary.VERDICT)] == stats.WORSE
     assert b.loc["size on disk (KB)", (within, "model")] == "q_small"
     assert b.loc["course score", (within, "model")] == "p_fast"
-    assert b.loc["test accuracy (%)", ("any accuracy", "model")] == "q_small"
     assert b.loc["CPU latency", (within, "model")] == "p_fast" and b.loc["CPU throughput", (within, "value")] == 1000
+    # q_small has the highest accuracy (+0.2 pt), but nothing says it is better: the baseline stays the most accurate
+    assert b.loc["test accuracy (%)", ("any accuracy", "model")] == "base"
+    assert "no model is detectably more accurate" in summary.most_accurate(df) and "q_small" in summary.most_accurate(df)
+    df.loc["q_small", summary.VERDICT] = stats.BETTER
+    assert summary.best(s, df, max_drop=2.0).loc["test accuracy (%)", ("any accuracy", "model")] == "q_small"
+
+
+def test_a_model_found_worse_does_not_compete_on_cost_even_within_the_allowed_drop():
+    s, df = _frame()
+    df.loc["p_fast", summary.VERDICT] = stats.WORSE  # -1.0 pt, within 2, but the statistics call it worse
+    assert "p_fast" not in summary.competing(df, 2.0).index
+    assert summary.best(s, df, max_drop=2.0).loc["CPU latency", ("≤ 2 pt below the baseline, not worse", "model")] == "q_small"
 
 
 def test_each_group_is_checked_for_a_model_that_beats_the_baseline():
     s, df = _frame()
     beats = summary.beats_baseline(s, df)
     assert beats.loc["quantization", "smaller"] == 2 and beats.loc["quantization", "lower latency"] == 1
-    assert beats.loc["quantization", "smallest"].startswith("q_small: 250 KB (4.00× smaller, +0.20 pt)")
+    assert beats.loc["quantization", "smallest"] == f"q_small: 250 KB (4.00× smaller, +0.20 pt, {stats.SAME})"
+    assert beats.loc["pruning", "worse (statistics)"] == 1
     assert beats.loc["pruning", "lower latency"] == 2 and beats.loc["factorization", "lower latency"] == 0
     assert beats.loc["factorization", "lowest latency"] == "none" and beats.loc["factorization", "smaller"] == 2
     assert beats.loc["combination", "models"] == 0
@@ -211,3 +225,25 @@ def test_stored_metrics_are_json(store):
     for run in runs.RunStore(store).runs():
         if run.done:
             json.loads(run.path("metrics.json").read_text())
+
+
+def test_replicates_over_seeds_are_named_paired_with_their_own_seed_and_summarized(tmp_path):
+    root = tmp_path / "runs"
+    bp = params.load(PARAMS / "smoke.yaml", "baseline")
+    bp.update(run_root=str(root), progress=False)
+    train.replicates({**bp, "seeds": [0, 1]})
+    factorization.run(_stage_params("svd_smoke.yaml", "svd", root, ranks=[0.5], variants=[], then=[], scratch_ranks=[],
+                                    epochs=1, baseline_seeds=[0, 1]))
+    s = _summarize(root)
+    df = summary.table(s)
+    assert list(df.index) == ["baseline (FP32, width 8)", "baseline (FP32, width 8), seed 1", "SVD 0.5 of full rank",
+                              "SVD 0.5 of full rank, seed 1"]
+    assert list(df[summary.VERDICT].iloc[:2]) == ["reference", "seed 1"]
+    assert df.loc["SVD 0.5 of full rank, seed 1", summary.DELTA] == pytest.approx(
+        df.loc["SVD 0.5 of full rank, seed 1", summary.ACC] - df.loc["baseline (FP32, width 8), seed 1", summary.ACC])
+    assert s.baseline_spread.n == 2 and s.band == pytest.approx(stats.seed_band(s.baseline_spread))
+    assert "2 training seeds" in summary.noise(s)
+    seeds = summary.seeds_table(s)
+    assert list(seeds["n"]) == [2, 2] and list(seeds["technique"]) == ["baseline", "svd"]
+    assert seeds.loc["SVD 0.5 of full rank", "Δ mean (pt)"] == pytest.approx(
+        df.loc[["SVD 0.5 of full rank", "SVD 0.5 of full rank, seed 1"], summary.DELTA].mean())
