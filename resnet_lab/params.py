@@ -514,6 +514,17 @@ def _check_pruning(values: dict[str, Any]) -> None:
         check_prune_link(where, v, values["sensitivity_amounts"])
 
 
+# The groups 06 sorts models into, in table order: one per technique family; a model made by two or more
+# steps is a combination.
+GROUPS = ("baseline", "quantization", "pruning", "factorization", "combination")
+
+
+def _subset(key: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
+    if not isinstance(value, list) or any(v not in allowed for v in value) or len(set(value)) != len(value):
+        raise ParamsError(f"'{key}' must list distinct values of {', '.join(allowed)}, not {value!r}")
+    return list(value)
+
+
 # 06_summary reads the run store and measures again; it trains nothing and writes no run.
 SUMMARY: dict[str, Field] = {
     **{k: STAGE[k] for k in ("profile", "baseline", "device", "eval_batch_size", "measure_batch_size", "run_root", "progress")},
@@ -522,6 +533,10 @@ SUMMARY: dict[str, Field] = {
     "speed_rounds": _f(int, 3, "rounds of interleaved CPU timing of all models (each keeps its median)", low=1),
     "speed_repeats": _f(int, 2, "timed batches per model and round at measure_batch_size", low=1),
     "latency_repeats": _f(int, 10, "timed batches per model and round at latency_batch_size", low=1),
+    "profile_groups": Field(list, list(GROUPS),
+                            "groups of models whose CPU time is profiled layer by layer at both batch sizes "
+                            "(torch.profiler; speed_rounds rounds of speed_repeats / latency_repeats batches); [] = none",
+                            validator=lambda key, value: _subset(key, value, GROUPS)),
     "max_drop": _f(float, 2.0, "'best within': the largest test-accuracy loss (points) a model may have against the "
                    "baseline to compete on cost", low=0.0, high=100.0),
     "plot_floor_drop": _f(float, 10.0, "Pareto plots leave out (and name) models more than this many points below "

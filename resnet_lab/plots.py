@@ -340,3 +340,82 @@ def grouped_bars(df: pd.DataFrame, x: str, y: str, hue: str, title: str, xlabel:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9, title=hue)
     fig.tight_layout()
     return fig
+
+
+def speedup_vs_macs(df: pd.DataFrame, hue: str = "group") -> plt.Figure:
+    """Measured speed-up against the speed-up the MAC count predicts, one panel per measured column (`speed-up
+    at batch …`), each point numbered by its row of `df` (the table below it names them); points under the y = x
+    line are slower than their MACs promise."""
+    measured = [c for c in df.columns if c.startswith("speed-up at batch")]
+    fig, axes = plt.subplots(1, len(measured), figsize=(7 * len(measured), 5.5), squeeze=False)
+    x = "MAC reduction (×)"
+    top = max(df[x].max(), *(df[c].max() for c in measured)) * 1.1
+    for ax, col in zip(axes[0], measured):
+        ax.plot([0, top], [0, top], color="gray", linestyle="--", lw=1, label="y = x (speed-up = MAC reduction)")
+        sns.scatterplot(data=df, x=x, y=col, hue=hue, style=hue, s=90, ax=ax)
+        for i, (_, row) in enumerate(df.iterrows()):
+            ax.annotate(str(i), (row[x], row[col]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set(xlim=(0, top), ylim=(0, top), title=f"Measured vs predicted: {col.removeprefix('speed-up at ').removesuffix(' (×)')}",
+               xlabel="predicted speed-up: MAC reduction (× fewer MACs than the baseline)",
+               ylabel=f"measured speed-up over the baseline (×, {col.removeprefix('speed-up at ').removesuffix(' (×)')})")
+        ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def time_breakdown(long: pd.DataFrame, measured: pd.DataFrame, kinds: Sequence[str]) -> plt.Figure:
+    """Per model, a stacked bar of where its CPU time goes (`kinds` in order), one panel per batch size; a black
+    tick marks the latency measured without the profiler in the same rounds."""
+    batches = list(dict.fromkeys(long["batch size"]))
+    models = list(dict.fromkeys(long["model"]))
+    colors = dict(zip(kinds, sns.color_palette("tab10", n_colors=len(kinds))))
+    fig, axes = plt.subplots(1, len(batches), figsize=(9 * len(batches), 1.6 + 0.42 * len(models)), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        part = long[long["batch size"] == b].pivot(index="model", columns="kind", values="ms per batch").reindex(models)
+        left = pd.Series(0.0, index=models)
+        for kind in kinds:
+            if kind in part and part[kind].abs().sum() > 0:
+                ax.barh(models, part[kind], left=left, color=colors[kind], label=kind)
+                left += part[kind]
+        m = measured[measured["batch size"] == b].set_index("model").reindex(models)
+        ax.scatter(m["measured latency (ms)"], models, marker="|", s=300, color="black", label="measured (no profiler)", zorder=3)
+        ax.invert_yaxis()
+        ax.set(title=f"Where the CPU time goes, batch {b} (torch.profiler)", xlabel=f"ms per batch of {b}", ylabel="")
+        ax.tick_params(axis="y", labelsize=8)
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    for ax in axes[0][1:]:
+        ax.set_yticklabels([])
+    fig.tight_layout()
+    return fig
+
+
+def layer_shares(long: pd.DataFrame, ncols: int = 2) -> plt.Figure:
+    """One panel per model: each conv/linear layer's share of the MACs next to its share of the measured conv +
+    linear time at each batch size; a layer whose time share exceeds its MAC share runs below the model's average
+    efficiency."""
+    import math
+
+    models = list(dict.fromkeys(long["model"]))
+    measures = list(dict.fromkeys(long["measure"]))
+    colors = dict(zip(measures, sns.color_palette(n_colors=len(measures))))
+    nrows = math.ceil(len(models) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(9 * ncols, 2.9 * nrows), squeeze=False)
+    width = 0.8 / len(measures)
+    for ax, model in zip(axes.flat, models):
+        part = long[long["model"] == model]
+        layers = list(dict.fromkeys(part["layer"]))
+        for i, measure in enumerate(measures):
+            rows = part[part["measure"] == measure].set_index("layer").reindex(layers)
+            ax.bar([j + (i - (len(measures) - 1) / 2) * width for j in range(len(layers))], rows["share (%)"],
+                   width=width, color=colors[measure], label=measure)
+        ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=6)
+        ax.set_title(model, fontsize=9)
+        ax.set_ylabel("share (%)", fontsize=8)
+    for ax in axes.flat[len(models):]:
+        ax.set_visible(False)
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="upper center", ncol=len(measures), fontsize=9,
+               bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle("Each conv / linear layer (in forward order): its share of the model's MACs vs its share of the "
+                 "measured conv + linear time", y=1.0 + 0.25 / nrows)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / nrows))
+    return fig

@@ -191,12 +191,27 @@ def overall(test_verdict: str, delta: float, band: float = float("nan"), seed_p:
 
 def over_seeds(accs: list[float], deltas: list[float], pairs: list[Paired]) -> dict[str, object]:
     """One recipe over its seeds: its test accuracies, its Δs (each against the baseline of its own seed) and
-    those paired comparisons: the figures of a row of a seeds table, and the verdict both sources must support
-    (the pooled paired test on the test images, and the t-test of the Δs over the seeds)."""
+    those paired comparisons: the figures of a row of a seeds table (p-values raw; `adjust_over_seeds` adjusts a
+    table's and gives each row its verdict)."""
     a, d = spread(accs), spread(deltas)
     pooled_pair = pooled(pairs)
-    seed_p = seed_test(deltas)
     return {"n": a.n, "test mean ± sd (%)": a.text(), "test mean (%)": a.mean, "test sd (pt)": a.sd,
             "Δ mean ± sd (pt)": d.text(), "Δ mean (pt)": d.mean, "Δ sd (pt)": d.sd,
-            "Δ 95% interval (pt)": interval_text(d.low, d.high), "p (seeds, t-test)": seed_p,
-            "p (pooled test images)": pooled_pair.p, "verdict": overall(verdict(pooled_pair), d.mean, seed_p=seed_p)}
+            "Δ 95% interval (pt)": interval_text(d.low, d.high), "p (seeds, t-test)": seed_test(deltas),
+            "p (pooled test images)": pooled_pair.p, "_pooled": pooled_pair}
+
+
+def adjust_over_seeds(rows: list[dict], verdict_key: str, alpha: float = ALPHA) -> None:
+    """The rows of one seeds table (from `over_seeds`; a row without a Δ, the baseline's, is left alone): both
+    p-value columns adjusted over the table (Benjamini–Hochberg), and each row's verdict: "better" / "worse" only
+    when the pooled paired test and the seeds' t-test both fall below `alpha`."""
+    judged = [r for r in rows if "_pooled" in r]
+    for col in ("p (seeds, t-test)", "p (pooled test images)"):
+        ps = [r[col] for r in judged]
+        finite = [i for i, p in enumerate(ps) if not np.isnan(p)]
+        for i, q in zip(finite, adjusted([ps[i] for i in finite])):
+            judged[i][col] = q
+    for r in judged:
+        pair = r.pop("_pooled")
+        r[verdict_key] = overall(verdict(pair, r["p (pooled test images)"], alpha), r["Δ mean (pt)"],
+                                 seed_p=r["p (seeds, t-test)"], alpha=alpha)

@@ -476,8 +476,8 @@ def noise(result: Result) -> str:
 def spread_table(result: Result) -> pd.DataFrame:
     """One row per recipe trained on several seeds (its models differ only in seed; the baselines too): the test
     accuracy's mean ± sd over seeds, the Δ against the baseline of each model's own seed (mean, sd, 95% t-interval),
-    the seeds' t-test, the pooled paired test (McNemar on the discordant images summed over seeds) and the
-    verdict both must support. Empty when no recipe has two seeds."""
+    the seeds' t-test and the pooled paired test (McNemar on the discordant images summed over seeds), both adjusted
+    over the table (Benjamini–Hochberg), and the verdict both must support. Empty when no recipe has two seeds."""
     import pandas as pd
 
     labels = result.ctx.dataset.test.labels.cpu().numpy()
@@ -490,7 +490,7 @@ def spread_table(result: Result) -> pd.DataFrame:
             continue
         first = members[0]
         row = {"model": first.name, "technique": first.row["technique"], "lineage": first.row["lineage"],
-               "seeds": ", ".join(str(m.row.get("seed")) for m in members)}
+               "seeds": ", ".join(str(result.root_of(m).row["seed"]) for m in members)}  # each replicate's seed
         if first.row["technique"] == "baseline":
             accs = stats.spread([m.row["test_acc"] for m in members])
             row |= {"n": accs.n, "test mean ± sd (%)": accs.text(), "test mean (%)": accs.mean, "test sd (pt)": accs.sd}
@@ -499,10 +499,10 @@ def spread_table(result: Result) -> pd.DataFrame:
             pairs = [stats.mcnemar(stats.correct(m.run.predictions()["test"].numpy(), labels),
                                    stats.correct(r.run.predictions()["test"].numpy(), labels))
                      for m, r in zip(members, roots)]
-            seen = stats.over_seeds([m.row["test_acc"] for m in members],
+            row |= stats.over_seeds([m.row["test_acc"] for m in members],
                                     [m.row["test_acc"] - r.row["test_acc"] for m, r in zip(members, roots)], pairs)
-            row |= {k: v for k, v in seen.items() if k != "verdict"} | {VERDICT: seen["verdict"]}
         rows.append(row)
+    stats.adjust_over_seeds(rows, VERDICT)
     return pd.DataFrame(rows).set_index("model") if rows else pd.DataFrame()
 
 

@@ -12,16 +12,16 @@ from typing import Any
 
 import pandas as pd
 from torch import nn
+from tqdm.auto import tqdm
 
 import numpy as np
 
-from . import metrics, registry, runs, stats, steps, train
+from . import layer_times, metrics, params, registry, runs, stats, steps, train
 
 IN_TABLE = "in the table"
 ACC, VAL, DELTA, SIZE, MACS = steps.ACC, steps.VAL, steps.DELTA, steps.SIZE, steps.MACS
 ACC_CI, P_BASELINE, VERDICT = steps.ACC_CI, steps.P_BASELINE, steps.VERDICT
-# groups of models, in table order: one per technique family; a model made by two or more steps is a combination
-GROUPS = ("baseline", "quantization", "pruning", "factorization", "combination")
+GROUPS = params.GROUPS
 # a recomputed accuracy may differ from the stored one by float rounding on another device, not by more
 ACC_TOLERANCE = 0.25
 
@@ -40,6 +40,8 @@ class Summary:
     # moves in by the seed alone (nan: one seed, not measured)
     baseline_spread: stats.Spread | None = None
     band: float = float("nan")
+    # model name -> batch size -> where its CPU time goes (layer_times.profile), for the groups of `profile_groups`
+    profiles: dict[str, dict[int, layer_times.Profile]] = field(default_factory=dict)
 
 
 def run(p: dict) -> Summary:
@@ -62,6 +64,12 @@ def run(p: dict) -> Summary:
     for row in out.rows:
         row[out.latency_col] = latency[row["model"]]["latency_ms"]
         row[out.throughput_col] = speed[row["model"]]["throughput_img_s"]
+    chosen = [name for name, group in table(out)["group"].items() if group in p["profile_groups"]]  # in table order
+    cost = layer_times.event_cost() if chosen else 0.0  # the profiler's own cost per op, once for all models
+    for name in (tqdm(chosen, desc="profiling layer by layer", disable=not p["progress"]) if chosen else []):
+        out.profiles[name] = {b: layer_times.profile(out.models[name], b, p["speed_rounds"], repeats, cost=cost)
+                              for b, repeats in ((p["measure_batch_size"], p["speed_repeats"]),
+                                                 (p["latency_batch_size"], p["latency_repeats"]))}
     return out
 
 
@@ -308,7 +316,7 @@ def most_accurate(df: pd.DataFrame) -> str:
     top = df.iloc[1:][ACC].idxmax() if len(df) > 1 else None
     if len(better):
         win = better[ACC].idxmax()
-        return f"{len(better)} model(s) more accurate than the baseline beyond the noise; the most accurate: {win} ({better.loc[win, DELTA]:+.2f} pt)"
+        return f"{len(better)} model(s) are more accurate than the baseline beyond the noise; the most accurate: {win} ({better.loc[win, DELTA]:+.2f} pt)"
     if top is None:
         return "no other model"
     return (f"no model is detectably more accurate than the baseline (the highest point estimate, {top} at "
@@ -364,6 +372,82 @@ def course_target(s: Summary, df: pd.DataFrame, target: float) -> str:
             f"(the FP32 baseline: {df.iloc[0][ACC]:.2f}%, score {df.iloc[0]['course score']:.4f}).")
 
 
+# ---------------------------------------------------------------- where the time goes
+def speedups(s: Summary, df: pd.DataFrame) -> pd.DataFrame:
+    """Predicted speed-up (the MAC reduction) against the measured ones, per model: throughput at the measure batch
+    size and latency at the latency batch size, both over the baseline's, from the side-by-side timing."""
+    ref = df.iloc[0]
+    out = pd.DataFrame({"group": df["group"], "MAC reduction (×)": ref[MACS] / df[MACS],
+                        f"speed-up at batch {_batch(s.throughput_col)} (×)": df[s.throughput_col] / ref[s.throughput_col],
+                        f"speed-up at batch {_batch(s.latency_col)} (×)": ref[s.latency_col] / df[s.latency_col]})
+    return out
+
+
+def _batch(col: str) -> str:
+    return col.rsplit("batch ", 1)[1].rstrip(")")
+
+
+def time_breakdown(s: Summary) -> pd.DataFrame:
+    """Long table: model, batch size, kind of work, ms per batch (`layer_times.CATEGORIES`)."""
+    return pd.DataFrame([{"model": name, "batch size": b, "kind": kind, "ms per batch": ms}
+                         for name, by_batch in s.profiles.items() for b, prof in by_batch.items()
+                         for kind, ms in prof.categories.items()])
+
+
+def profile_check(s: Summary) -> pd.DataFrame:
+    """Per model and batch size: the profiled total (less the profiler's own cost), the unprofiled latency measured
+    in the same rounds, their ratio, and the conv + linear share of the time."""
+    rows = []
+    for name, by_batch in s.profiles.items():
+        for b, prof in by_batch.items():
+            convs = sum(v for k, v in prof.categories.items() if k in layer_times.STAGES or k == layer_times.LINEAR)
+            rows.append({"model": name, "batch size": b, "profiled total (ms)": prof.total_ms,
+                         "measured latency (ms)": prof.measured_ms, "profiled ÷ measured": prof.ratio,
+                         "conv + linear share (%)": 100 * convs / prof.total_ms,
+                         "framework overhead share (%)": 100 * prof.categories[layer_times.OVERHEAD] / prof.total_ms,
+                         "profiler cost taken off (µs per op)": prof.event_cost_us})
+    return pd.DataFrame(rows)
+
+
+def layer_shares(s: Summary) -> pd.DataFrame:
+    """Long table: model, layer, its kind, and as shares (%) of the model's conv + linear total: its MACs and its
+    measured time at each profiled batch size."""
+    rows = []
+    for name, by_batch in s.profiles.items():
+        first = next(iter(by_batch.values()))
+        macs = sum(r["macs"] for r in first.layers) or 1
+        for b, prof in by_batch.items():
+            total = sum(r["ms"] for r in prof.layers) or 1
+            rows += [{"model": name, "layer": r["layer"], "kind": r["kind"], "measure": f"time, batch {b}",
+                      "share (%)": 100 * r["ms"] / total} for r in prof.layers]
+        rows += [{"model": name, "layer": r["layer"], "kind": r["kind"], "measure": "MACs", "share (%)": 100 * r["macs"] / macs}
+                 for r in first.layers]
+    return pd.DataFrame(rows)
+
+
+def why(s: Summary, df: pd.DataFrame) -> str:
+    """What the profiles say, in sentences computed from them: the share of the forward outside the convolutions
+    at each batch size, and the models whose measured speed-up falls furthest below their MAC reduction."""
+    check = profile_check(s)
+    if check.empty:
+        return "No model was profiled (`profile_groups` is empty)."
+    lines = []
+    for b, part in check.groupby("batch size", sort=False):
+        lines.append(f"At batch {b}, convolutions and the linear layer take {part['conv + linear share (%)'].median():.0f}% "
+                     f"of the forward (median over {len(part)} models; framework overhead "
+                     f"{part['framework overhead share (%)'].median():.0f}%)")
+    sp = speedups(s, df)
+    col = next(c for c in sp.columns if c.startswith("speed-up at batch") and _batch(s.throughput_col) in c)
+    gap = (sp[col] / sp["MAC reduction (×)"]).iloc[1:]
+    worst = gap.idxmin() if len(gap) else None
+    text = ". ".join(lines) + "."
+    if worst is not None:
+        text += (f" Furthest below its MAC reduction at batch {_batch(s.throughput_col)}: {worst} "
+                 f"({sp.loc[worst, col]:.2f}× measured for {sp.loc[worst, 'MAC reduction (×)']:.2f}× fewer MACs).")
+    return text + (" The profiled totals lie within "
+                   f"{100 * (check['profiled ÷ measured'] - 1).abs().max():.0f}% of the latencies measured without the profiler.")
+
+
 def noise(s: Summary) -> str:
     """What the verdicts were read against, in a sentence."""
     b = s.baseline_spread
@@ -377,17 +461,20 @@ def noise(s: Summary) -> str:
 
 def seeds_table(s: Summary) -> pd.DataFrame:
     """One row per recipe with two or more seeds in the store (the baseline's replicates, and each model made from
-    them): mean ± sd over the seeds, the Δs against the baseline of each seed, their t-test, the pooled paired test,
-    and the verdict both support. Empty when nothing has two seeds."""
+    them), named by its model of the reference seed: mean ± sd over the seeds, the Δs against the baseline of each
+    seed, their t-test, the pooled paired test, both adjusted over the table (Benjamini–Hochberg), and the verdict
+    both support. Empty when nothing has two seeds."""
     groups: dict[str, list[dict]] = {}
     for row in s.rows:
         if row["replicate"] is not None:
             groups.setdefault(row["recipe key"], []).append(row)
     origins = {row["origin"]: row for row in s.rows if row["technique"] == "baseline" and row["replicate"] is not None}
+    reference_seed = s.rows[0]["replicate"]
     out = []
     for members in groups.values():
         if len(members) < 2:
             continue
+        members = sorted(members, key=lambda m: (m["replicate"] != reference_seed, m["replicate"]))
         first = members[0]
         row = {"model": first["model"], "group": first["group"], "technique": first["technique"],
                "seeds": ", ".join(str(m["replicate"]) for m in members)}
@@ -396,10 +483,10 @@ def seeds_table(s: Summary) -> pd.DataFrame:
             row |= {"n": a.n, "test mean ± sd (%)": a.text(), "test mean (%)": a.mean, "test sd (pt)": a.sd}
         else:
             bases = [origins[m["origin"]] for m in members]
-            seen = stats.over_seeds([m[ACC] for m in members], [m[ACC] - b[ACC] for m, b in zip(members, bases)],
+            row |= stats.over_seeds([m[ACC] for m in members], [m[ACC] - b[ACC] for m, b in zip(members, bases)],
                                     [stats.mcnemar(s.correct[m["model"]], s.correct[b["model"]]) for m, b in zip(members, bases)])
-            row |= {k: v for k, v in seen.items() if k != "verdict"} | {VERDICT: seen["verdict"]}
         out.append(row)
+    stats.adjust_over_seeds(out, VERDICT)
     return pd.DataFrame(out).set_index("model") if out else pd.DataFrame()
 
 
@@ -409,7 +496,7 @@ def headline(s: Summary, df: pd.DataFrame, max_drop: float) -> str:
     bad = unusable(s)
     worse = int((df[VERDICT] == stats.WORSE).sum()) if VERDICT in df else 0
     b = s.baseline_spread
-    spread = f" ± {b.sd:.1f} over {b.n} seeds" if b is not None and b.n > 1 else ", one seed"
+    spread = f" ({b.mean:.1f} ± {b.sd:.1f}% over {b.n} training seeds)" if b is not None and b.n > 1 else " (one seed)"
     return (f"{len(df)} models re-measured side by side; baseline {df.iloc[0][ACC]:.1f}%{spread}. Within {max_drop:g} pt "
             f"and not found worse: smallest {small} ({df.loc[small, SIZE]:,.0f} KB, "
             f"{df.iloc[0][SIZE] / df.loc[small, SIZE]:.1f}× smaller, {df.loc[small, DELTA]:+.2f} pt: "

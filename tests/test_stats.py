@@ -143,3 +143,16 @@ def test_the_seed_t_test_and_the_pooled_paired_test():
     both = stats.pooled([one, one])
     assert (both.a_only, both.b_only) == (20, 0) and both.p < one.p
     assert both.acc_a == pytest.approx(20.0) and both.acc_b == pytest.approx(10.0)
+
+
+def test_a_seeds_table_is_adjusted_together_and_needs_both_tests():
+    right = np.zeros(1000, bool)
+    better = np.r_[np.ones(60, bool), np.zeros(940, bool)]  # 60 more images right on every seed
+    consistent = stats.over_seeds([76.0, 76.1, 75.9], [6.0, 6.1, 5.9], [stats.mcnemar(better, right)] * 3)
+    erratic = stats.over_seeds([79.0, 70.0, 76.0], [9.0, 0.1, 6.0], [stats.mcnemar(better, right)] * 3)
+    rows = [{"model": "baseline"}, {"model": "a", **consistent}, {"model": "b", **erratic}]
+    stats.adjust_over_seeds(rows, "verdict")
+    assert "verdict" not in rows[0] and "_pooled" not in rows[1]
+    assert rows[1]["verdict"] == stats.BETTER  # both the pooled test and the seeds agree
+    assert rows[2]["verdict"] == stats.SAME  # the test images agree, the seeds do not
+    assert rows[2]["p (seeds, t-test)"] >= stats.seed_test([9.0, 0.1, 6.0])  # adjusted, never smaller
