@@ -1,7 +1,7 @@
 """Command line over the same verbs the notebooks call.
 
     python -m resnet_lab check params/baseline.yaml          validate a params file
-    python -m resnet_lab train params/baseline.yaml          train (or reuse) the baseline run
+    python -m resnet_lab train params/baseline.yaml          train (or reuse) the baseline's run of each seed
     python -m resnet_lab tune params/optuna.yaml             run (resume, or join) the Optuna study
     python -m resnet_lab report [--profile smoke] [--force]  run and render every notebook not up to date
     python -m resnet_lab bench [params/bench.yaml]           training-throughput benchmark
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("check", help="validate a params file against a stage's schema")
     c.add_argument("file")
     c.add_argument("--stage", default="baseline", choices=sorted(params.SCHEMAS))
-    t = sub.add_parser("train", help="train the baseline for a params file (reuses a finished run)")
+    t = sub.add_parser("train", help="train the baseline for a params file, one run per training seed (reuses finished runs)")
     t.add_argument("file")
     o = sub.add_parser("tune", help="run the Optuna study of a params file until it has n_trials finished trials")
     o.add_argument("file")
@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd == "train":
             from . import train
 
-            result = train.baseline(params.load(a.file, "baseline"))
-            state = "reused" if result.reused else "trained"
-            print(f"{state} {result.run.dir}: test accuracy {result.metrics['test_acc']:.2f}%")
+            for result in train.replicates(params.load(a.file, "baseline")):  # `seed`, then the other `seeds`
+                state = "reused" if result.reused else "trained"
+                print(f"{state} {result.run.dir}: test accuracy {result.metrics['test_acc']:.2f}%", flush=True)
         elif a.cmd == "tune":
             from . import tune
 

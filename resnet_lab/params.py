@@ -573,7 +573,8 @@ SCHEMAS: dict[str, dict[str, Field]] = {
 }
 
 # Keys that do not change what a run computes, so they are left out of its identity (hash).
-NOT_IN_IDENTITY = frozenset({"run_root", "reuse", "progress", "sample_images", "profile"})
+# A baseline's `seeds` lists its replicates; each run is keyed by its own training seed (`train.run_params`).
+NOT_IN_IDENTITY = frozenset({"run_root", "reuse", "progress", "sample_images", "profile", "seeds"})
 
 
 def defaults(stage: str) -> dict[str, Any]:

@@ -78,7 +78,7 @@ def test_report_builds_index_and_html_then_reuses_everything(smoke_reports, caps
         assert text in svd_html, text
     assert "href='05_svd.html'" in index and "fewer parameters" in index
     summary_html = (out / "06_summary.html").read_text()
-    assert summary_html.count("<img") == 4 and "Traceback" not in summary_html  # the Pareto fronts
+    assert summary_html.count("<img") == 7 and "Traceback" not in summary_html  # 4 Pareto fronts, speed-ups, time, layers
     for text in ("Test accuracy vs size on disk", "Test accuracy vs MACs", "Test accuracy vs measured CPU latency",
                  "Test accuracy vs course score", "Does each technique beat the baseline?", "The best model per criterion",
                  "not judged here", "Every run in the store", "FP16", "L1 structured, layer, 50% of channels",

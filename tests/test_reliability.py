@@ -16,7 +16,7 @@ from resnet_lab.runs import RunStoreError
 from conftest import PARAMS, ROOT
 
 # A smoke recipe slow enough (about a second an epoch) to be killed between two checkpoints.
-SLOW = {"synthetic_train": 2048, "epochs": 6, "progress": False}
+SLOW = {"synthetic_train": 2048, "epochs": 6, "progress": False, "seeds": []}  # one run: the run of `seed`
 
 
 def _params_file(tmp_path, name, **values):
@@ -170,5 +170,6 @@ def test_two_report_builds_at_once_take_turns_and_the_second_finds_the_report_up
     assert sum("01_baseline: up to date" in out for out, _ in outs) == 1  # the second found the first's report
     html = (tmp_path / "reports" / "01_baseline.html").read_text()
     assert "trained now into" in html and "Traceback" not in html
-    [run] = runs.RunStore(tmp_path / "runs").runs("baseline")
-    assert run.done
+    baselines = runs.RunStore(tmp_path / "runs").runs("baseline")
+    assert len(baselines) == len(params.load(PARAMS / "smoke.yaml", "baseline")["seeds"])  # one per seed, each once
+    assert all(run.done for run in baselines)
