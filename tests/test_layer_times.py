@@ -15,7 +15,7 @@ def net():
 
 
 def test_every_conv_and_linear_layer_is_named_with_its_stage_and_macs(net):
-    prof = layer_times.profile(net, 4, rounds=1, repeats=2)
+    prof = layer_times.profile(net, 4, rounds=1, repeats=2, cost=0.5)
     kinds = {r["layer"]: r["kind"] for r in prof.layers}
     assert kinds["conv1"] == "conv · stem" and kinds["layer1.0.conv1"] == "conv · stage 1"
     assert kinds["layer4.1.conv2"] == "conv · stage 4" and kinds["layer2.0.shortcut.0"] == "conv · stage 2"
@@ -40,7 +40,7 @@ def test_an_int8_model_shows_its_quantize_and_dequantize(net):
 
     x = torch.randn(16, 3, 32, 32)
     q = quantize.int8(copy.deepcopy(net), Batches(Split(x, torch.zeros(16, dtype=torch.long)), 8, "cpu"), "x86")
-    prof = layer_times.profile(q, 2, rounds=1, repeats=2)
+    prof = layer_times.profile(q, 2, rounds=1, repeats=2, cost=0.5)
     assert prof.categories[layer_times.CONVERT] > 0
     assert {r["kind"] for r in prof.layers} >= {"conv · stem", "conv · stage 4", "linear"}
 
@@ -54,4 +54,4 @@ def test_a_model_whose_ops_change_between_forwards_is_refused():
             return x.relu() if Flaky.calls % 2 else x.sigmoid()
 
     with pytest.raises(RuntimeError, match="not deterministic"):
-        layer_times.profile(Flaky(), 2, rounds=1, repeats=2, warmup=0)
+        layer_times.profile(Flaky(), 2, rounds=1, repeats=2, warmup=0, cost=0.5)
