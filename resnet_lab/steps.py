@@ -13,6 +13,7 @@ headlines select by, and one set of column names (below) serves 03, 04, 05 and 0
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -509,8 +510,6 @@ def spread_table(result: Result) -> pd.DataFrame:
 def recipe_key(m: Model, result: Result) -> str:
     """What a model is apart from its seed: its technique and settings without the seed, after its parent's recipe
     (the baseline's: its params without the seed). Models that share it are the same recipe on other seeds."""
-    import json
-
     if m.row["technique"] == "baseline":
         return "baseline"
     parents = {o.ref: o for o in result.models}

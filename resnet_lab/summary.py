@@ -7,6 +7,7 @@ other data) is listed with the reason, never dropped.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,8 +183,6 @@ class _Reader:
         parent's recipe key (a baseline: its params without the training seed)."""
         ref = f"{run.stage}/{run.key}"
         if ref not in self.keys:
-            import json
-
             if run.stage == "baseline":
                 key = ["baseline", _without_seed(run.params)]
             else:
