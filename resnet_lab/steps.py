@@ -445,9 +445,10 @@ def _uncertainty(result: Result, rows: list[dict[str, Any]]) -> None:
 
     rights = {row["model"]: right(m.run) for row, m in zip(rows, result.models)}
     roots = {row["model"] for row, m in zip(rows, result.models) if m.row["technique"] == "baseline"}
+    baselines = {r.ref: right(r.run) for r in result.roots().values()}  # each baseline's predictions read once
     pairs, names = [], []
     for row, m in zip(rows, result.models):
-        mine, ref = rights[row["model"]], right(result.root_of(m).run)
+        mine, ref = rights[row["model"]], baselines.get(result.root_of(m).ref)
         if row["model"] not in roots and mine is not None and ref is not None:
             pairs.append(stats.mcnemar(mine, ref))
             names.append(row["model"])
@@ -483,8 +484,9 @@ def spread_table(result: Result) -> pd.DataFrame:
 
     labels = result.ctx.dataset.test.labels.cpu().numpy()
     groups: dict[str, list[Model]] = {}
+    parents = {m.ref: m for m in result.models}
     for m in result.models:
-        groups.setdefault(recipe_key(m, result), []).append(m)
+        groups.setdefault(recipe_key(m, parents), []).append(m)
     rows = []
     for members in groups.values():
         if len(members) < 2:
@@ -507,15 +509,15 @@ def spread_table(result: Result) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("model") if rows else pd.DataFrame()
 
 
-def recipe_key(m: Model, result: Result) -> str:
+def recipe_key(m: Model, parents: dict[str, Model]) -> str:
     """What a model is apart from its seed: its technique and settings without the seed, after its parent's recipe
-    (the baseline's: its params without the seed). Models that share it are the same recipe on other seeds."""
+    (`parents`: the models by run ref; a baseline is "baseline"). Models that share it are the same recipe on other
+    seeds."""
     if m.row["technique"] == "baseline":
         return "baseline"
-    parents = {o.ref: o for o in result.models}
     parent = parents.get(m.row["parent"])
     settings = {k: v for k, v in (m.row.get("settings") or {}).items() if k != "seed"}
-    up = recipe_key(parent, result) if parent is not None else m.row["parent"]
+    up = recipe_key(parent, parents) if parent is not None else m.row["parent"]
     return json.dumps([up, m.row["technique"], settings], sort_keys=True, default=str)
 
 
