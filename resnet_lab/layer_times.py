@@ -5,19 +5,22 @@ For one model and one batch size, `profile`:
 
 1. runs one forward with a `record_function` annotation around every layer (hooks on each conv, linear,
    normalization, activation and every other leaf module), to learn which layer each top-level op belongs to;
-2. then, in interleaved rounds, times `repeats` forwards without the profiler (the measured latency) and
-   `repeats` forwards under the profiler without the hooks (whose own cost would inflate small batches), and
-   pairs each op of those with the op at the same place of the annotated forward (the op sequence of a forward
-   is fixed, so the pairing is exact; checked by op name);
+2. then, in one profiler session, times `rounds × repeats` pairs of forwards: one with the profiler's collection
+   switched off (`toggle_collection_dynamic`: the unprofiled latency, timed by the clock) and, right after it, one
+   recorded without the hooks (whose own cost would inflate small batches). Each pair shares the state of the
+   machine, so a stall or a slower minute of a shared VM moves both; the first recorded forward warms the profiler
+   up and is dropped. Each recorded op is paired with the op at the same place of the annotated forward (the op
+   sequence of a forward is fixed, so the pairing is exact; checked by op name);
 3. sums each op's inclusive time into its kind: the convolutions by ResNet stage (stem, stages 1–4; a fused
    conv + ReLU of INT8 counts as conv), the linear layer, BatchNorm / ReLU / residual add / pooling,
    quantize / dequantize / dtype casts, other ops; *framework overhead* is the rest of the profiled forward
    (Python module calls and the dispatcher between ops).
 
-The profiler costs about a microsecond per op it records (hundreds per forward: 10-30% of a one-image
-forward): `event_cost` measures it on a loop of tiny ops, and it is taken off every op (times the ops it
-recorded) and off the forward. The profiled forward's total is reported next to the unprofiled latency,
-so the breakdown can be checked against what a user measures (`total ÷ measured`).
+The profiler costs one to two microseconds per op it records (hundreds per forward: 10-30% of a one-image
+forward): `event_cost` measures it on a width-1 ResNet18 (the models' kinds of ops, each too small to take time of
+its own), and it is taken off every op (times the ops it recorded) and off the forward. The profiled forward's total
+is reported next to the unprofiled latency, so the breakdown can be checked against what a user measures
+(`total ÷ measured`).
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, record_function
 from torch.profiler import profile as torch_profile
 
-from . import metrics
+from . import metrics, models
 
 FORWARD = "resnet_lab::forward"
 LAYER = "layer::"
@@ -109,29 +112,49 @@ def _events(e) -> int:
     return 1 + sum(_events(c) for c in e.cpu_children)
 
 
-def event_cost(calls: int = 5000, rounds: int = 7) -> float:
-    """The profiler's own cost per recorded op (µs): a loop of tiny adds timed with and without it (median)."""
-    a, b = torch.zeros(4), torch.zeros(4)
-    costs = []
-    with torch.inference_mode():
-        for _ in range(rounds):
+def _pairs(model: nn.Module, x: torch.Tensor, n: int) -> tuple[list[float], Any]:
+    """`n` pairs of forwards in one profiler session: the first of each with collection off, timed by the clock
+    (µs), the second recorded inside a `FORWARD` annotation; one recorded forward before them warms the profiler.
+    Returns the unprofiled times and the profiler's events."""
+    plain = []
+    with _profiler() as prof:
+        with record_function(FORWARD):
+            model(x)
+        for _ in range(n):
+            prof.toggle_collection_dynamic(False, [ProfilerActivity.CPU])
             t0 = time.perf_counter()
-            for _ in range(calls):
-                torch.add(a, b)
-            plain = time.perf_counter() - t0
-            with _profiler() as prof:
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    torch.add(a, b)
-                profiled = time.perf_counter() - t0
-            costs.append(max(profiled - plain, 0.0) * 1e6 / max(len(prof.events()), 1))
-    return statistics.median(costs)
+            model(x)
+            plain.append((time.perf_counter() - t0) * 1e6)
+            prof.toggle_collection_dynamic(True, [ProfilerActivity.CPU])
+            with record_function(FORWARD):
+                model(x)
+    return plain, prof.events()
+
+
+def _forwards(events) -> list:
+    """The recorded `FORWARD` annotations in the order they ran."""
+    return sorted((e for e in events if e.name == FORWARD), key=lambda e: e.time_range.start)
+
+
+@torch.inference_mode()
+def event_cost(pairs: int = 200) -> float:
+    """The profiler's own cost per recorded op (µs): a width-1 ResNet18 on one 8×8 image (every kind of op the
+    models run, each too small to take time of its own), each recorded forward less the unrecorded one next to it,
+    over the ops recorded; the median of `pairs` pairs."""
+    torch.manual_seed(0)
+    net = models.resnet18(width=1).eval()
+    x = torch.randn(1, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        net(x)
+    plain, events = _pairs(net, x, pairs)
+    recorded = _forwards(events)[1:]
+    return statistics.median((f.cpu_time_total - us) / max(_events(f) - 1, 1) for us, f in zip(plain, recorded))
 
 
 def _top_ops(events, cost: float = 0.0) -> tuple[list[list[tuple[str, str | None, float]]], list[float]]:
     """Per forward: its top-level ops in order as (op name, innermost layer annotation, inclusive µs); and each
     forward's total µs; both less the profiler's own cost (`cost` µs per recorded op)."""
-    forwards = sorted((e for e in events if e.name == FORWARD), key=lambda e: e.time_range.start)
+    forwards = _forwards(events)
     out: list[list[tuple[str, str | None, float]]] = [[] for _ in forwards]
     index = {id(f): i for i, f in enumerate(forwards)}
     for e in events:
@@ -223,27 +246,20 @@ def profile(model: nn.Module, batch_size: int, rounds: int = 3, repeats: int = 5
     (reference,), _ = _top_ops(prof.events())
     cost = event_cost() if cost is None else cost
     measured, profiled = [], []  # ms per unprofiled forward; (total, {kind: ms}, {layer: ms}) per profiled one
-    for _ in range(rounds):
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            measured.append((time.perf_counter() - t0) * 1e3)
-        with _profiler() as prof:
-            for _ in range(repeats + 1):
-                with record_function(FORWARD):
-                    model(x)
-        forwards, forward_us = _top_ops(prof.events(), cost)
-        for ops, us in zip(forwards[1:], forward_us[1:]):  # the first forward under a fresh profiler warms it up
-            if [o[0] for o in ops] != [o[0] for o in reference]:
-                raise RuntimeError(f"the ops of a forward at batch {batch_size} differ from the annotated forward's; "
-                                   "the model's forward is not deterministic, so its ops cannot be paired with layers")
-            kinds_ms, layers_ms = {c: 0.0 for c in CATEGORIES}, {name: 0.0 for name in layers}
-            for (op, _, op_us), (_, layer, _) in zip(ops, reference):
-                kinds_ms[_kind(op, layer, kinds)] += op_us / 1e3
-                if layer in layers_ms:
-                    layers_ms[layer] += op_us / 1e3
-            kinds_ms[OVERHEAD] += (us - sum(o[2] for o in ops)) / 1e3
-            profiled.append((us / 1e3, kinds_ms, layers_ms))
+    plain, events = _pairs(model, x, rounds * repeats)
+    forwards, forward_us = _top_ops(events, cost)
+    for us_plain, ops, us in zip(plain, forwards[1:], forward_us[1:]):  # the first one warmed the profiler up
+        if [o[0] for o in ops] != [o[0] for o in reference]:
+            raise RuntimeError(f"the ops of a forward at batch {batch_size} differ from the annotated forward's; "
+                               "the model's forward is not deterministic, so its ops cannot be paired with layers")
+        kinds_ms, layers_ms = {c: 0.0 for c in CATEGORIES}, {name: 0.0 for name in layers}
+        for (op, _, op_us), (_, layer, _) in zip(ops, reference):
+            kinds_ms[_kind(op, layer, kinds)] += op_us / 1e3
+            if layer in layers_ms:
+                layers_ms[layer] += op_us / 1e3
+        kinds_ms[OVERHEAD] += (us - sum(o[2] for o in ops)) / 1e3
+        measured.append(us_plain / 1e3)
+        profiled.append((us / 1e3, kinds_ms, layers_ms))
     # the fastest 80% of each: a stall of the machine (another process, a page fault) hits one forward, not the model
     kept = sorted(profiled, key=lambda f: f[0])[: max(1, round(0.8 * len(profiled)))]
     fast = sorted(measured)[: max(1, round(0.8 * len(measured)))]

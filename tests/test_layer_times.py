@@ -55,3 +55,13 @@ def test_a_model_whose_ops_change_between_forwards_is_refused():
 
     with pytest.raises(RuntimeError, match="not deterministic"):
         layer_times.profile(Flaky(), 2, rounds=1, repeats=2, warmup=0, cost=0.5)
+
+
+def test_only_the_forwards_meant_to_be_recorded_are(net):
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        plain, events = layer_times._pairs(net, x, 3)
+    convs = sum(isinstance(m, nn.Conv2d) for m in net.modules())
+    assert len(plain) == 3 and len(layer_times._forwards(events)) == 4  # the warm-up and 3 recorded, 3 timed apart
+    assert sum(e.name == "aten::conv2d" for e in events) == 4 * convs
+    assert layer_times.event_cost(pairs=20) > 0
