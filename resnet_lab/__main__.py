@@ -5,6 +5,7 @@
     python -m resnet_lab tune params/optuna.yaml             run (resume, or join) the Optuna study
     python -m resnet_lab report [--profile smoke] [--force]  run and render every notebook not up to date
     python -m resnet_lab bench [params/bench.yaml]           training-throughput benchmark
+    python -m resnet_lab export runs/<stage>/<key>           the run's model as ONNX (model.onnx), checked
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="training throughput: pipeline vs compute limit vs stock DataLoader")
     b.add_argument("file", nargs="?", default=str(PROJECT_ROOT / "params" / "bench.yaml"))
     b.add_argument("--json", default="reports/bench.json", help="where to write the figures")
+    e = sub.add_parser("export", help="write a finished run's model as ONNX into its folder and check it against the "
+                                      "PyTorch model on the test set")
+    e.add_argument("run", help="the run folder, e.g. runs/int8/144e2ec1b5dd")
     a = ap.parse_args(argv)
 
     try:
@@ -70,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
             if result["inference"]:
                 print(bench.describe_inference(result["inference"]))
             write_json(resolve(a.json), result)
+        elif a.cmd == "export":
+            from . import export
+
+            e = export.export_run(a.run)
+            print(f"{'reused' if e.reused else 'wrote'} {e.path} ({e.size_kb:,.0f} KB, "
+                  f"{'int8 QDQ' if e.quantized else 'float32'} graph, {e.exporter}): its predicted class matches the "
+                  f"PyTorch model's on {e.agreement:.2f}% of {e.images} test images")
     except (params.ParamsError, DataUnavailable, RunStoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

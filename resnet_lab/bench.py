@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import itertools
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from . import data as data_mod
-from . import metrics, models, registry, runs, train
+from . import export, metrics, models, registry, runs, train
+
+ENGINES = ("PyTorch", "ONNX Runtime")
 
 
 class StockCIFAR(torch.utils.data.Dataset):
@@ -119,8 +123,9 @@ def describe(r: dict) -> str:
 
 # ---------------------------------------------------------------- inference of the compressed models
 def inference(p: dict) -> dict | None:
-    """CPU throughput of the baseline of `p['baseline']` and of every finished compressed run made from it,
-    measured side by side (interleaved rounds); None when that baseline has not been trained yet."""
+    """CPU throughput of the baseline of `p['baseline']` and of every finished compressed run made from it, in
+    eager PyTorch and in ONNX Runtime (each model exported to a temporary ONNX file), all measured side by side
+    (interleaved rounds); None when that baseline has not been trained yet."""
     try:
         base, _ = train.trained_baseline(p["baseline"], p)
     except train.UpstreamMissing as e:
@@ -133,20 +138,30 @@ def inference(p: dict) -> dict | None:
             if run.done and run.params.get("baseline") == base.run.key:
                 name = run.metrics["label"]
                 models_[name if name not in models_ else f"{name} [{run.key}]"] = tech.load(run)
-    speed = metrics.compare_speed(models_, p["measure_batch_size"], rounds=p["rounds"])
-    ref = speed["FP32 (baseline)"]["throughput_img_s"]
+    with tempfile.TemporaryDirectory() as tmp:
+        engines = {(ENGINES[0], name): m for name, m in models_.items()}
+        engines |= {(ENGINES[1], name): export.OrtModel(export.to_onnx(m, Path(tmp) / f"{i}.onnx"))
+                    for i, (name, m) in enumerate(models_.items())}
+        speed = metrics.compare_speed(engines, p["measure_batch_size"], rounds=p["rounds"])
+    ref = speed[ENGINES[0], "FP32 (baseline)"]["throughput_img_s"]
     ref_macs = metrics.count_macs(base.model)["macs"]
     out = {}
-    for name, s in speed.items():
+    for name, m in models_.items():
+        s = speed[ENGINES[0], name]
+        ort_s = speed[ENGINES[1], name]
         out[name] = {**s, "speedup_vs_fp32": s["throughput_img_s"] / ref,
-                     "mac_reduction": ref_macs / metrics.count_macs(models_[name])["macs"]}
+                     "mac_reduction": ref_macs / metrics.count_macs(m)["macs"],
+                     "onnxruntime_throughput_img_s": ort_s["throughput_img_s"],
+                     "onnxruntime_speedup_vs_fp32": ort_s["throughput_img_s"] / ref}
     return out
 
 
 def describe_inference(r: dict) -> str:
     first = next(iter(r.values()))
-    lines = [f"CPU inference, batch {first['batch_size']}, {first['threads']} threads (median of interleaved rounds)"]
+    lines = [f"CPU inference, batch {first['batch_size']}, {first['threads']} threads (median of interleaved rounds), "
+             "eager PyTorch and ONNX Runtime; every speed-up is over the eager PyTorch FP32 baseline"]
     lines += [f"  {name:<52} {s['throughput_img_s']:8.0f} img/s  {s['latency_ms']:7.1f} ms  {s['speedup_vs_fp32']:5.2f}x FP32"
+              f"   ONNX Runtime {s['onnxruntime_throughput_img_s']:8.0f} img/s  {s['onnxruntime_speedup_vs_fp32']:5.2f}x FP32 (PyTorch)"
               + (f"  ({s['mac_reduction']:.2f}x fewer MACs: speed-up / MAC reduction = "
                  f"{s['speedup_vs_fp32'] / s['mac_reduction']:.2f})" if s["mac_reduction"] > 1.001 else "")
               for name, s in r.items()]

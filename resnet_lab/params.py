@@ -537,6 +537,12 @@ SUMMARY: dict[str, Field] = {
                             "groups of models whose CPU time is profiled layer by layer at both batch sizes "
                             "(torch.profiler; speed_rounds rounds of speed_repeats / latency_repeats batches); [] = none",
                             validator=lambda key, value: _subset(key, value, GROUPS)),
+    "onnx": _f(bool, True, "export every model to ONNX in its run folder (made once, reused), check its test-set "
+               "predictions against the PyTorch model's, and time it in ONNX Runtime beside eager PyTorch"),
+    "onnx_agreement": _f(float, 99.0, "an exported float model whose predicted classes match its PyTorch model's on "
+                         "fewer than this % of test images is flagged", low=0.0, high=100.0),
+    "onnx_agreement_int8": _f(float, 98.0, "the same for an INT8 model (ONNX Runtime's int8 kernels round "
+                              "differently from PyTorch's)", low=0.0, high=100.0),
     "max_drop": _f(float, 2.0, "'best within': the largest test-accuracy loss (points) a model may have against the "
                    "baseline to compete on cost", low=0.0, high=100.0),
     "plot_floor_drop": _f(float, 10.0, "Pareto plots leave out (and name) models more than this many points below "

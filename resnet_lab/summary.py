@@ -3,7 +3,9 @@
 Nothing is copied from the other reports: each model is rebuilt from its saved file and its test
 accuracy, counts, size on disk, scores and CPU speed are computed here (a stored accuracy that the
 saved model does not reproduce is flagged). A run that cannot be used (unfinished, damaged, made on
-other data) is listed with the reason, never dropped.
+other data) is listed with the reason, never dropped. With `onnx` each model is also exported to ONNX into
+its run folder (once; `export.ensure`), checked against its PyTorch model on the test set, and timed in ONNX
+Runtime in the same interleaved rounds as in eager PyTorch.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from tqdm.auto import tqdm
 
 import numpy as np
 
-from . import layer_times, metrics, params, registry, runs, stats, steps, train
+from . import export, layer_times, metrics, params, registry, runs, stats, steps, train
 
 IN_TABLE = "in the table"
 ACC, VAL, DELTA, SIZE, MACS = steps.ACC, steps.VAL, steps.DELTA, steps.SIZE, steps.MACS
@@ -25,6 +27,8 @@ ACC_CI, P_BASELINE, VERDICT = steps.ACC_CI, steps.P_BASELINE, steps.VERDICT
 GROUPS = params.GROUPS
 # a recomputed accuracy may differ from the stored one by float rounding on another device, not by more
 ACC_TOLERANCE = 0.25
+PYTORCH, ORT = "PyTorch", "ONNX Runtime"  # the two engines every model is timed in
+AGREEMENT = "ONNX agreement (%)"
 
 
 @dataclass
@@ -43,6 +47,11 @@ class Summary:
     band: float = float("nan")
     # model name -> batch size -> where its CPU time goes (layer_times.profile), for the groups of `profile_groups`
     profiles: dict[str, dict[int, layer_times.Profile]] = field(default_factory=dict)
+    # model name -> its ONNX file and the agreement of its predictions (`onnx`), or why it could not be exported
+    onnx: dict[str, export.Exported] = field(default_factory=dict)
+    onnx_errors: dict[str, str] = field(default_factory=dict)
+    ort_latency_col: str = ""
+    ort_throughput_col: str = ""
 
 
 def run(p: dict) -> Summary:
@@ -59,12 +68,22 @@ def run(p: dict) -> Summary:
         reader.read(r)
     if p["progress"]:
         print(f"timing {len(out.models)} models on the CPU, side by side ...", flush=True)
-    speed = metrics.compare_speed(out.models, p["measure_batch_size"], rounds=p["speed_rounds"], repeats=p["speed_repeats"])
-    latency = metrics.compare_speed(out.models, p["latency_batch_size"], rounds=p["speed_rounds"], repeats=p["latency_repeats"])
+    engines = {(PYTORCH, name): model for name, model in out.models.items()}
+    if p["onnx"]:
+        out.ort_latency_col = f"{ORT} latency (ms, batch {p['latency_batch_size']})"
+        out.ort_throughput_col = f"{ORT} throughput (img/s, batch {p['measure_batch_size']})"
+        engines |= {(ORT, name): export.OrtModel(e.path) for name, e in out.onnx.items()}
+    speed = metrics.compare_speed(engines, p["measure_batch_size"], rounds=p["speed_rounds"], repeats=p["speed_repeats"])
+    latency = metrics.compare_speed(engines, p["latency_batch_size"], rounds=p["speed_rounds"], repeats=p["latency_repeats"])
     _judge(out)
+    nan = float("nan")
     for row in out.rows:
-        row[out.latency_col] = latency[row["model"]]["latency_ms"]
-        row[out.throughput_col] = speed[row["model"]]["throughput_img_s"]
+        name = row["model"]
+        row[out.latency_col] = latency[PYTORCH, name]["latency_ms"]
+        row[out.throughput_col] = speed[PYTORCH, name]["throughput_img_s"]
+        if p["onnx"]:
+            row[out.ort_latency_col] = latency[ORT, name]["latency_ms"] if (ORT, name) in latency else nan
+            row[out.ort_throughput_col] = speed[ORT, name]["throughput_img_s"] if (ORT, name) in speed else nan
     chosen = [name for name, group in table(out)["group"].items() if group in p["profile_groups"]]  # in table order
     cost = layer_times.event_cost() if chosen else 0.0  # the profiler's own cost per op, once for all models
     for name in (tqdm(chosen, desc="profiling layer by layer", disable=not p["progress"]) if chosen else []):
@@ -165,6 +184,21 @@ class _Reader:
             "stored test accuracy (%)": stored.get("test_acc"), "run": str(run), "stage": run.stage})
         self.out.models[name] = model
         self.out.correct[name] = stats.correct(logits.argmax(1).numpy(), test.labels.cpu().numpy())
+        if self.p["onnx"]:
+            self._export(run, model, name, obp["eval_flip"], logits)
+
+    def _export(self, run: runs.Run, model: nn.Module, name: str, flip: bool, logits) -> None:
+        """The model's ONNX file in its run folder (made once) and its agreement with the PyTorch model on the test
+        set; a model that cannot be exported stays in the table, with the reason listed."""
+        row = self.out.rows[-1]
+        try:
+            e = export.ensure(run, model, self.base.dataset.test, flip, logits.argmax(1), self.p["eval_batch_size"], name)
+        except Exception as err:  # torch.onnx and onnxruntime raise many types; the reason is shown, the model kept
+            self.out.onnx_errors[name] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            row[AGREEMENT], row["ONNX file (KB)"] = float("nan"), float("nan")
+            return
+        self.out.onnx[name] = e
+        row[AGREEMENT], row["ONNX file (KB)"] = e.agreement, e.size_kb
 
     def _baseline(self, run: runs.Run) -> nn.Module:
         if run.key not in self.baselines:
@@ -234,7 +268,9 @@ def table(s: Summary) -> pd.DataFrame:
     """The side-by-side table: one row per model (its name is its lineage), grouped by technique family, the
     models of two or more steps last; `group`, `technique`, `links` and `parent` are fields to select by."""
     cols = ["group", "technique", "links", "parent", "recipe", ACC, ACC_CI, VAL, DELTA, P_BASELINE, VERDICT, "parameters", "nonzero parameters", MACS,
-            SIZE, s.latency_col, s.throughput_col, "course score", "MicroNet score"]
+            SIZE, s.latency_col, s.throughput_col]
+    cols += [s.ort_latency_col, s.ort_throughput_col, AGREEMENT, "ONNX file (KB)"] if s.ort_latency_col else []
+    cols += ["course score", "MicroNet score"]
     df = pd.DataFrame(s.rows).set_index("model")
     return df.sort_values("group", key=lambda g: g.map(GROUPS.index), kind="stable")[cols]
 
@@ -270,9 +306,12 @@ def pareto(df: pd.DataFrame, cost: str, higher_is_better: bool = False) -> pd.Se
 
 def criteria(s: Summary) -> dict[str, tuple[str, bool]]:
     """criterion -> (column, whether higher is better)."""
-    return {"test accuracy": (ACC, True), "size on disk": (SIZE, False), "MACs": (MACS, False),
-            "CPU latency": (s.latency_col, False), "CPU throughput": (s.throughput_col, True),
-            "course score": ("course score", False), "MicroNet score": ("MicroNet score", False)}
+    out = {"test accuracy": (ACC, True), "size on disk": (SIZE, False), "MACs": (MACS, False),
+           "CPU latency, PyTorch": (s.latency_col, False), "CPU throughput, PyTorch": (s.throughput_col, True)}
+    if getattr(s, "ort_latency_col", ""):
+        out |= {"CPU latency, ONNX Runtime": (s.ort_latency_col, False),
+                "CPU throughput, ONNX Runtime": (s.ort_throughput_col, True)}
+    return out | {"course score": ("course score", False), "MicroNet score": ("MicroNet score", False)}
 
 
 def competing(df: pd.DataFrame, max_drop: float) -> pd.DataFrame:
@@ -369,6 +408,64 @@ def course_target(s: Summary, df: pd.DataFrame, target: float) -> str:
     return (f"**Met by {winner}**: {df.loc[winner, ACC]:.2f}% test accuracy at course score "
             f"**{df.loc[winner, 'course score']:.4f}**, the lowest of the {len(ok)} models at ≥ {target:g}% "
             f"(the FP32 baseline: {df.iloc[0][ACC]:.2f}%, score {df.iloc[0]['course score']:.4f}).")
+
+
+# ---------------------------------------------------------------- deployed: ONNX Runtime beside eager PyTorch
+def onnx_table(s: Summary, p: dict) -> pd.DataFrame:
+    """Per model: its ONNX file, how it was made, the agreement of its test-set predictions with the PyTorch
+    model's against the threshold of its kind, and both engines' speed with their ratio (ONNX Runtime over
+    eager PyTorch, the same model)."""
+    rows, by_name = [], {row["model"]: row for row in s.rows}
+    for name in table(s).index:  # in the table's order
+        row, e = by_name[name], s.onnx.get(name)
+        if e is None:
+            rows.append({"model": name, "ONNX file": "not exported: " + s.onnx_errors.get(name, "onnx is off")})
+            continue
+        need = p["onnx_agreement_int8"] if e.quantized else p["onnx_agreement"]
+        rows.append({"model": name, "ONNX file": str(e.path), "graph": "int8 QDQ" if e.quantized else "float32",
+                     "file (KB)": e.size_kb, AGREEMENT: e.agreement, "required (%)": need,
+                     "check": "ok" if e.agreement >= need else f"FLAGGED: below {need:g}%",
+                     f"latency, {PYTORCH} (ms)": row[s.latency_col], f"latency, {ORT} (ms)": row[s.ort_latency_col],
+                     f"{ORT} ÷ {PYTORCH} speed, batch {_batch(s.latency_col)} (×)": row[s.latency_col] / row[s.ort_latency_col],
+                     f"throughput, {PYTORCH} (img/s)": row[s.throughput_col], f"throughput, {ORT} (img/s)": row[s.ort_throughput_col],
+                     f"{ORT} ÷ {PYTORCH} speed, batch {_batch(s.throughput_col)} (×)": row[s.ort_throughput_col] / row[s.throughput_col]})
+    return pd.DataFrame(rows).set_index("model")
+
+
+def flagged(s: Summary, p: dict) -> list[str]:
+    """Models whose ONNX file could not be made, or whose predictions agree with the PyTorch model's below the
+    threshold of their kind."""
+    out = [f"{name}: no ONNX file ({why})" for name, why in s.onnx_errors.items()]
+    for name, e in s.onnx.items():
+        need = p["onnx_agreement_int8"] if e.quantized else p["onnx_agreement"]
+        if e.agreement < need:
+            out.append(f"{name}: its ONNX file agrees with the PyTorch model on {e.agreement:.2f}% of the "
+                       f"{e.images} test images, below {need:g}% ({e.path})")
+    return out
+
+
+def engines(s: Summary, df: pd.DataFrame, max_drop: float) -> str:
+    """What deploying through ONNX Runtime gives, in sentences computed from the table: the models that compete on
+    cost (`competing`) with the lowest latency and the highest throughput in ONNX Runtime, against the eager
+    PyTorch baseline, and what the engine alone gives the baseline."""
+    if not s.ort_latency_col:
+        return "ONNX export is off (`onnx: false`)."
+    ref = df.iloc[0]
+    pool = competing(df, max_drop).dropna(subset=[s.ort_latency_col])
+    if pool.empty:
+        return "No model was exported to ONNX."
+    fast, many = pool[s.ort_latency_col].idxmin(), pool[s.ort_throughput_col].idxmax()
+    lat, thr = _batch(s.latency_col), _batch(s.throughput_col)
+    return (f"The engine alone: the baseline answers {lat} image(s) in {ref[s.latency_col]:.2f} ms in eager PyTorch and "
+            f"{ref[s.ort_latency_col]:.2f} ms in ONNX Runtime ({ref[s.latency_col] / ref[s.ort_latency_col]:.1f}×), and "
+            f"runs batch {thr} at {ref[s.throughput_col]:,.0f} and {ref[s.ort_throughput_col]:,.0f} img/s "
+            f"({ref[s.ort_throughput_col] / ref[s.throughput_col]:.1f}×). Engine and compression together, among the "
+            f"models at most {max_drop:g} pt below their baseline and not found worse: **{fast}** answers in "
+            f"{pool.loc[fast, s.ort_latency_col]:.2f} ms in ONNX Runtime, **{ref[s.latency_col] / pool.loc[fast, s.ort_latency_col]:.1f}× "
+            f"faster than the eager PyTorch baseline** ({pool.loc[fast, DELTA]:+.2f} pt, {pool.loc[fast, VERDICT]}); "
+            f"**{many}** runs batch {thr} at {pool.loc[many, s.ort_throughput_col]:,.0f} img/s, "
+            f"**{pool.loc[many, s.ort_throughput_col] / ref[s.throughput_col]:.1f}× the eager PyTorch baseline** "
+            f"({pool.loc[many, DELTA]:+.2f} pt, {pool.loc[many, VERDICT]}).")
 
 
 # ---------------------------------------------------------------- where the time goes
@@ -501,4 +598,13 @@ def headline(s: Summary, df: pd.DataFrame, max_drop: float) -> str:
             f"{df.iloc[0][SIZE] / df.loc[small, SIZE]:.1f}× smaller, {df.loc[small, DELTA]:+.2f} pt: "
             f"{df.loc[small, VERDICT] if VERDICT in df else 'not judged'}), lowest course score {score} "
             f"({df.loc[score, 'course score']:.3f}); {worse} model(s) worse beyond the noise; {most_accurate(df)}"
-            + (f"; {len(bad)} unusable runs listed" if bad else ""))
+            + _deployed(s, close) + (f"; {len(bad)} unusable runs listed" if bad else ""))
+
+
+def _deployed(s: Summary, close: pd.DataFrame) -> str:
+    pool = close.dropna(subset=[s.ort_latency_col]) if s.ort_latency_col else close.iloc[0:0]
+    if pool.empty:
+        return ""
+    fast, base = pool[s.ort_latency_col].idxmin(), s.rows[0]
+    return (f"; in ONNX Runtime {fast} answers a batch of {_batch(s.latency_col)} "
+            f"{base[s.latency_col] / pool.loc[fast, s.ort_latency_col]:.1f}× faster than the eager PyTorch baseline")

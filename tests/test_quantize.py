@@ -240,6 +240,9 @@ def test_stage_runs_every_method_then_reuses_them(trained, monkeypatch, tmp_path
     inference = bench.inference(bp)
     assert set(inference) == {r["label"] for r in rows[1:]} | {"FP32 (baseline)"}
     assert inference["FP32 (baseline)"]["speedup_vs_fp32"] == 1.0
+    # and in ONNX Runtime, the same models exported, timed in the same rounds against the eager PyTorch baseline
+    assert all(r["onnxruntime_throughput_img_s"] > 0 for r in inference.values())
+    assert "ONNX Runtime" in bench.describe_inference(inference)
     assert bench.inference(dict(bp, run_root=str(tmp_path / "empty"))) is None
 
     def no_training(*a, **k):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from resnet_lab import params, runs, stats, summary, train
+from resnet_lab import export, params, runs, stats, summary, train
 from resnet_lab.stages import factorization, pruning, quantization
 
 from conftest import PARAMS, smoke_baseline
@@ -79,6 +79,23 @@ def test_every_model_is_rebuilt_and_measured_again_matching_what_its_stage_store
     assert sparse["nonzero parameters"] < 0.6 * sparse["parameters"] and sparse[summary.SIZE] < df.iloc[0][summary.SIZE]
     assert df.loc["L1 structured, layer, 50% of channels", summary.MACS] < 0.5 * df.iloc[0][summary.MACS]
     assert not summary.mismatches(s) and not summary.unusable(s)
+    # every model as an ONNX file in its run folder, agreeing with its PyTorch model, timed in both engines
+    p = params.load(PARAMS / "summary_smoke.yaml", "summary")
+    assert set(s.onnx) == set(df.index) and not s.onnx_errors
+    assert {e.quantized for name, e in s.onnx.items()} == {True, False}
+    folders = {row["model"]: row["run"] for row in s.rows}
+    assert all(str(e.path.parent) == folders[name] for name, e in s.onnx.items())
+    assert (df[s.ort_latency_col] > 0).all() and (df[s.ort_throughput_col] > 0).all()
+    quantized = [name for name, e in s.onnx.items() if e.quantized]
+    assert df.drop(index=quantized)[summary.AGREEMENT].min() >= p["onnx_agreement"]  # float graphs: the same model
+    # int8: the same scales, but two engines' int8 kernels; on 128 images of a 1-epoch width-8 model, nearly tied
+    # logits flip a few predictions (the default profile's models: 97.4-98.8%, see the README)
+    assert df.loc[quantized, summary.AGREEMENT].min() >= 90
+    ot = summary.onnx_table(s, p)
+    low = [name for name in quantized if df.loc[name, summary.AGREEMENT] < p["onnx_agreement_int8"]]
+    assert list(ot.index) == list(df.index) and [n for n in ot.index if ot.loc[n, "check"] != "ok"] == low
+    assert [line.split(":")[0] for line in summary.flagged(s, p)] == [n.split(":")[0] for n in low]
+    assert "ONNX Runtime" in summary.engines(s, df, 2.0) and "CPU latency, ONNX Runtime" in summary.criteria(s)
     in_table = [e for e in s.runs if e["status"] == summary.IN_TABLE]
     assert sorted(e["model"] for e in in_table) == sorted(df.index)
     others = [e for e in s.runs if e["status"] != summary.IN_TABLE]  # the pruning curves: analyses, listed
@@ -162,7 +179,7 @@ def test_best_per_criterion_over_all_and_within_the_allowed_drop():
     assert b.loc["size on disk (KB)", ("any accuracy", summary.VERDICT)] == stats.WORSE
     assert b.loc["size on disk (KB)", (within, "model")] == "q_small"
     assert b.loc["course score", (within, "model")] == "p_fast"
-    assert b.loc["CPU latency", (within, "model")] == "p_fast" and b.loc["CPU throughput", (within, "value")] == 1000
+    assert b.loc["CPU latency, PyTorch", (within, "model")] == "p_fast" and b.loc["CPU throughput, PyTorch", (within, "value")] == 1000
     # q_small has the highest accuracy (+0.2 pt), but nothing says it is better: the baseline stays the most accurate
     assert b.loc["test accuracy (%)", ("any accuracy", "model")] == "base"
     assert "no model is detectably more accurate" in summary.most_accurate(df) and "q_small" in summary.most_accurate(df)
@@ -174,7 +191,7 @@ def test_a_model_found_worse_does_not_compete_on_cost_even_within_the_allowed_dr
     s, df = _frame()
     df.loc["p_fast", summary.VERDICT] = stats.WORSE  # -1.0 pt, within 2, but the statistics call it worse
     assert "p_fast" not in summary.competing(df, 2.0).index
-    assert summary.best(s, df, max_drop=2.0).loc["CPU latency", ("≤ 2 pt below the baseline, not worse", "model")] == "q_small"
+    assert summary.best(s, df, max_drop=2.0).loc["CPU latency, PyTorch", ("≤ 2 pt below the baseline, not worse", "model")] == "q_small"
 
 
 def test_each_group_is_checked_for_a_model_that_beats_the_baseline():
@@ -214,11 +231,22 @@ def test_summary_without_a_baseline_names_the_command(tmp_path):
     assert not (tmp_path / "empty").exists()
 
 
-def test_summary_writes_nothing_to_the_store(store):
-    before = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+def test_summary_writes_only_each_runs_onnx_file_and_only_once(store):
+    exported = (export.FILE, export.RECORD)
+    before = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file() and p.name not in exported}
     _summarize(store)
-    after = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
-    assert before == after
+    made = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+    assert {p: t for p, t in made.items() if p.name not in exported} == before
+    assert {p.parent for p in made if p.name == export.FILE} == {p.parent for p in made if p.name == export.RECORD}
+    _summarize(store)
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()} == made  # reused, not made again
+
+
+def test_without_onnx_the_summary_has_one_engine(store):
+    s = _summarize(store, onnx=False)
+    df = summary.table(s)
+    assert not s.onnx and summary.AGREEMENT not in df and not any("ONNX" in c for c in df.columns)
+    assert "off" in summary.engines(s, df, 2.0) and not any("ONNX" in k for k in summary.criteria(s))
 
 
 def test_stored_metrics_are_json(store):
@@ -247,3 +275,16 @@ def test_replicates_over_seeds_are_named_paired_with_their_own_seed_and_summariz
     assert list(seeds["n"]) == [2, 2] and list(seeds["technique"]) == ["baseline", "svd"]
     assert seeds.loc["SVD 0.5 of full rank", "Δ mean (pt)"] == pytest.approx(
         df.loc[["SVD 0.5 of full rank", "SVD 0.5 of full rank, seed 1"], summary.DELTA].mean())
+
+
+def test_the_cli_exports_one_run_and_reuses_the_summarys_file(store, python):
+    import subprocess
+
+    _summarize(store)
+    folder = next(r.dir for r in runs.RunStore(store).runs("int8") if r.done)
+    out = subprocess.run([python, "-m", "resnet_lab", "export", str(folder)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"reused {folder / export.FILE}") and "int8 QDQ graph" in out.stdout
+    (folder / export.RECORD).unlink()
+    out = subprocess.run([python, "-m", "resnet_lab", "export", str(folder)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("wrote") and "% of " in out.stdout
