@@ -78,13 +78,16 @@ def test_report_builds_index_and_html_then_reuses_everything(smoke_reports, caps
         assert text in svd_html, text
     assert "href='05_svd.html'" in index and "fewer parameters" in index
     summary_html = (out / "06_summary.html").read_text()
-    assert summary_html.count("<img") == 7 and "Traceback" not in summary_html  # 4 Pareto fronts, speed-ups, time, layers
+    # 5 Pareto fronts (one of ONNX Runtime latency), the two engines, speed-ups, time, layers
+    assert summary_html.count("<img") == 9 and "Traceback" not in summary_html
     for text in ("Test accuracy vs size on disk", "Test accuracy vs MACs", "Test accuracy vs measured CPU latency",
                  "Test accuracy vs course score", "Does each technique beat the baseline?", "The best model per criterion",
                  "not judged here", "Every run in the store", "FP16", "L1 structured, layer, 50% of channels",
                  "combination", "L1 unstructured, global, 50% → FP16",
-                 "SVD 0.25 of full rank (from scratch)", "every saved model reproduces the test accuracy its run stored"):
+                 "SVD 0.25 of full rank (from scratch)", "Deployed: ONNX Runtime beside eager PyTorch",
+                 "Test accuracy vs ONNX Runtime latency", "int8 QDQ"):
         assert text in summary_html, text
+    assert "%, recomputed " not in summary_html  # every saved model reproduces the accuracy its run stored
     assert "href='06_summary.html'" in index and "models re-measured side by side" in index
 
     # nothing changed: no notebook runs again
