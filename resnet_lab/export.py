@@ -101,11 +101,12 @@ class OrtModel(nn.Module):
     optimizations (ONNX Runtime folds BatchNorm into the convolutions and fuses the ReLUs), and ONNX Runtime's
     default spinning threads, as a deployment gets them (one image: 0.76 ms with them, 1.42 ms without, measured).
 
-    Those threads keep spinning for tens of milliseconds after a run: a PyTorch forward of one image timed right
-    after took 13 ms instead of 4.9 (measured on the 2-core VM; back to 5.1 ms after a 0.1 s pause). `settle_s`
-    is the pause `metrics.compare_speed` leaves before timing another engine."""
+    Those threads keep spinning for tens of milliseconds after a run, and every session has its own: a PyTorch
+    forward of one image timed right after took 13 ms instead of 4.9 (measured on the 2-core VM; 5.1 ms after a
+    0.1 s pause), and the same dense graph timed after other sessions ranged 1.0-2.1 ms. `settle_s` is the pause
+    `metrics.compare_speed` leaves after timing it."""
 
-    settle_s = 0.2
+    settle_s = 0.1
 
     def __init__(self, path: str | Path, threads: int | None = None):
         super().__init__()

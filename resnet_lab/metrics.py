@@ -128,18 +128,15 @@ def compare_speed(models: dict[str, nn.Module], batch_size: int = 128, rounds: i
     machine load hits them alike; each gets the median over all its timed batches.
 
     Every model takes float32 NCHW input and converts it itself (quantized models quantize it), so
-    conversion costs are included. A model with a `settle_s` attribute (`export.OrtModel`) is followed, before a
-    model without one, by that many seconds of pause: put such models after the others, so that one pause a round
-    suffices.
+    conversion costs are included. A model with a `settle_s` attribute (`export.OrtModel`) is followed by that
+    many seconds of pause, so that its spinning threads are not timed with the next model.
     """
     times: dict[str, list[float]] = {name: [] for name in models}
-    order = list(models.items())
     for _ in range(rounds):
-        for i, (name, model) in enumerate(order):
+        for name, model in models.items():
             r = speed(model, batch_size, "cpu", warmup=1, repeats=repeats, channels_last=channels_last)
             times[name].append(r["latency_ms"])
-            after = order[i + 1][1] if i + 1 < len(order) else order[0][1]
-            if getattr(model, "settle_s", 0) and not getattr(after, "settle_s", 0):
+            if getattr(model, "settle_s", 0):
                 time.sleep(model.settle_s)  # an engine whose threads spin after a run (ONNX Runtime) lets them stop
     out = {}
     for name, t in times.items():
