@@ -163,7 +163,7 @@ def ensure(run: runs.Run, model: nn.Module, test: data_mod.Split, flip: bool, re
                 and record.get("flip") == flip and record.get("bytes") == path.stat().st_size):
             return Exported(path, path.stat().st_size / 1e3, float(record["agreement"]), int(record["images"]),
                             bool(record["quantized"]), EXPORTER, reused=True)
-    except runs.RunStoreError:
+    except (runs.RunStoreError, KeyError, TypeError, ValueError):  # a damaged or foreign record: made again
         pass
     quantized = is_quantized(model)
     to_onnx(model, path, {"model": name, "run": str(run)})

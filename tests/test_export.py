@@ -109,6 +109,9 @@ def test_a_run_folder_gets_its_file_once_and_a_damaged_record_remakes_it(net, tm
     run.path(export.RECORD).write_text("{ damaged")
     remade = export.ensure(run, net, test, True, reference, 16, "net")
     assert not remade.reused and json.loads(run.path(export.RECORD).read_text())["agreement"] == 100.0
+    record = json.loads(run.path(export.RECORD).read_text())
+    run.path(export.RECORD).write_text(json.dumps({**record, "agreement": "all of them"}))  # parseable, wrong type
+    assert not export.ensure(run, net, test, True, reference, 16, "net").reused
     wrong = reference.clone()
     wrong[:4] = (wrong[:4] + 1) % 10  # a reference the file does not reproduce on 4 of 40 images
     run.path(export.RECORD).unlink()
