@@ -22,8 +22,6 @@ from torch import nn
 from . import data as data_mod
 from . import export, metrics, models, registry, runs, train
 
-ENGINES = ("PyTorch", "ONNX Runtime")
-
 
 class StockCIFAR(torch.utils.data.Dataset):
     """What torchvision.datasets.CIFAR10 does per item: a PIL image from HWC uint8, then transforms."""
@@ -139,16 +137,16 @@ def inference(p: dict) -> dict | None:
                 name = run.metrics["label"]
                 models_[name if name not in models_ else f"{name} [{run.key}]"] = tech.load(run)
     with tempfile.TemporaryDirectory() as tmp:
-        engines = {(ENGINES[0], name): m for name, m in models_.items()}
-        engines |= {(ENGINES[1], name): export.OrtModel(export.to_onnx(m, Path(tmp) / f"{i}.onnx"))
+        engines = {(export.PYTORCH, name): m for name, m in models_.items()}
+        engines |= {(export.ORT, name): export.OrtModel(export.to_onnx(m, Path(tmp) / f"{i}.onnx"))
                     for i, (name, m) in enumerate(models_.items())}
         speed = metrics.compare_speed(engines, p["measure_batch_size"], rounds=p["rounds"])
-    ref = speed[ENGINES[0], "FP32 (baseline)"]["throughput_img_s"]
+    ref = speed[export.PYTORCH, "FP32 (baseline)"]["throughput_img_s"]
     ref_macs = metrics.count_macs(base.model)["macs"]
     out = {}
     for name, m in models_.items():
-        s = speed[ENGINES[0], name]
-        ort_s = speed[ENGINES[1], name]
+        s = speed[export.PYTORCH, name]
+        ort_s = speed[export.ORT, name]
         out[name] = {**s, "speedup_vs_fp32": s["throughput_img_s"] / ref,
                      "mac_reduction": ref_macs / metrics.count_macs(m)["macs"],
                      "onnxruntime_throughput_img_s": ort_s["throughput_img_s"],

@@ -39,6 +39,7 @@ from . import data as data_mod
 from . import models, runs
 
 FILE, RECORD = "model.onnx", "onnx.json"
+PYTORCH, ORT = "PyTorch", "ONNX Runtime"  # the two engines a model is timed in
 OPSET = 17
 EXPORTER = f"torch.onnx TorchScript exporter, opset {OPSET}"
 INPUT, OUTPUT = "input", "logits"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import matplotlib
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter
 import pandas as pd
@@ -421,29 +422,20 @@ def layer_shares(long: pd.DataFrame, ncols: int = 2) -> plt.Figure:
     return fig
 
 
-def engines(table: pd.DataFrame, reference: str) -> plt.Figure:
-    """Per model, its speed-up over the eager PyTorch `reference` model in each engine (eager PyTorch, ONNX
-    Runtime): one panel for the latency batch, one for the throughput batch (log scale; 1× dotted). `table` is
-    `summary.onnx_table`'s."""
-    lat = {e: c for c in table.columns for e in ("PyTorch", "ONNX Runtime") if c == f"latency, {e} (ms)"}
-    thr = {e: c for c in table.columns for e in ("PyTorch", "ONNX Runtime") if c == f"throughput, {e} (img/s)"}
-    batches = [c.split("batch ")[1].split(" ")[0] for c in table.columns if c.endswith("(×)")]
-    rows = []
-    for name, r in table.dropna(subset=list(lat.values())).iterrows():
-        for engine in lat:
-            rows.append({"model": name, "engine": engine, "panel": f"latency, batch {batches[0]}",
-                         "speed-up": table.loc[reference, lat["PyTorch"]] / r[lat[engine]]})
-            rows.append({"model": name, "engine": engine, "panel": f"throughput, batch {batches[1]}",
-                         "speed-up": r[thr[engine]] / table.loc[reference, thr["PyTorch"]]})
-    long = pd.DataFrame(rows)
+def engines(long: pd.DataFrame) -> plt.Figure:
+    """Per model, its speed-up over the eager PyTorch baseline in each engine, one panel per measure (latency
+    batch, throughput batch; log scale, 1× dotted). `long` is `summary.engine_speedups`'s."""
     n = long["model"].nunique()
-    fig, axes = plt.subplots(1, 2, figsize=(16, 1.6 + 0.38 * n), sharey=True)
-    for ax, (panel, part) in zip(axes, long.groupby("panel", sort=False)):
-        sns.barplot(data=part, y="model", x="speed-up", hue="engine", ax=ax, orient="h")
+    fig, axes = plt.subplots(1, 2, figsize=(16, 1.6 + 0.38 * n), sharey=True, squeeze=False)
+    for ax, (measure, part) in zip(axes[0], long.groupby("measure", sort=False)):
+        sns.barplot(data=part, y="model", x="speed-up (×)", hue="engine", ax=ax, orient="h")
         ax.axvline(1, color="gray", linestyle=":", lw=1)
         ax.set_xscale("log")
-        ax.set(title=f"Speed-up over the eager PyTorch baseline: {panel}", ylabel="",
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
+        ax.set(title=f"Speed-up over the eager PyTorch baseline\n{measure}", ylabel="",
                xlabel="× the eager PyTorch baseline (log scale; higher is faster)")
         ax.tick_params(axis="y", labelsize=8)
+        ax.legend(title="engine", loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig

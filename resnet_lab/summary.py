@@ -27,7 +27,7 @@ ACC_CI, P_BASELINE, VERDICT = steps.ACC_CI, steps.P_BASELINE, steps.VERDICT
 GROUPS = params.GROUPS
 # a recomputed accuracy may differ from the stored one by float rounding on another device, not by more
 ACC_TOLERANCE = 0.25
-PYTORCH, ORT = "PyTorch", "ONNX Runtime"  # the two engines every model is timed in
+PYTORCH, ORT = export.PYTORCH, export.ORT
 AGREEMENT = "ONNX agreement (%)"
 
 
@@ -430,6 +430,21 @@ def onnx_table(s: Summary, p: dict) -> pd.DataFrame:
                      f"throughput, {PYTORCH} (img/s)": row[s.throughput_col], f"throughput, {ORT} (img/s)": row[s.ort_throughput_col],
                      f"{ORT} ÷ {PYTORCH} speed, batch {_batch(s.throughput_col)} (×)": row[s.ort_throughput_col] / row[s.throughput_col]})
     return pd.DataFrame(rows).set_index("model")
+
+
+def engine_speedups(s: Summary, df: pd.DataFrame) -> pd.DataFrame:
+    """Long table for a figure: per exported model and engine, its speed-up over the eager PyTorch baseline in
+    latency (latency batch) and in throughput (measure batch)."""
+    if not s.ort_latency_col:
+        return pd.DataFrame(columns=["model", "engine", "measure", "speed-up (×)"])
+    ref, rows = df.iloc[0], []
+    lat, thr = f"latency, batch {_batch(s.latency_col)}", f"throughput, batch {_batch(s.throughput_col)}"
+    for name, r in df.dropna(subset=[s.ort_latency_col]).iterrows():
+        for engine, lat_col, thr_col in ((PYTORCH, s.latency_col, s.throughput_col),
+                                         (ORT, s.ort_latency_col, s.ort_throughput_col)):
+            rows += [{"model": name, "engine": engine, "measure": lat, "speed-up (×)": ref[s.latency_col] / r[lat_col]},
+                     {"model": name, "engine": engine, "measure": thr, "speed-up (×)": r[thr_col] / ref[s.throughput_col]}]
+    return pd.DataFrame(rows)
 
 
 def flagged(s: Summary, p: dict) -> list[str]:
