@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             e = export.export_run(a.run)
             print(f"{'reused' if e.reused else 'wrote'} {e.path} ({e.size_kb:,.0f} KB, "
                   f"{'int8 QDQ' if e.quantized else 'float32'} graph, {e.exporter}): its predicted class matches the "
-                  f"PyTorch model's on {e.agreement:.2f}% of {e.images} test images")
+                  f"PyTorch model's on {e.agreement:.2f}% of {e.images} test images"
+                  + (f" (the PyTorch model keeps its own prediction on {e.stability:.2f}% of them under input noise of "
+                     f"{export.NOISE_LEVELS:g} pixel levels)" if e.stability is not None else ""))
     except (params.ParamsError, DataUnavailable, RunStoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -84,6 +84,31 @@ def test_an_int8_model_exports_as_a_qdq_graph_with_its_own_scales(net, tmp_path)
     assert (got - expected).abs().mean() < 0.05 * expected.abs().mean()
 
 
+def test_stability_counts_the_predictions_that_input_noise_changes(net, tmp_path):
+    torch.manual_seed(3)
+    images = (torch.rand(48, 3, 32, 32) * 255).to(torch.uint8)
+    test = data.Split(images, torch.zeros(48, dtype=torch.long))
+    reference = export.predict(net, test, 16, False).argmax(1)
+    assert export.stability(net, test, False, reference, 16, levels=0.0) == 100.0
+    assert export.stability(net, test, False, reference, 16, levels=1e-3) == 100.0  # a float net: no rounding step
+    x = torch.zeros(64, 3, 32, 32)
+    noise = export._Jitter(torch.nn.Identity(), 2.0)(x)  # the noise: 2 pixel levels in each channel's units
+    for c in range(3):
+        assert noise[:, c].std().item() == pytest.approx(2.0 / (255 * data.STD[c]), rel=0.02)
+    assert torch.equal(noise, export._Jitter(torch.nn.Identity(), 2.0)(x))  # a fixed seed: repeatable
+    q = quantize.int8(net, data.Batches(test, 16, "cpu"), "x86")
+    store = runs.RunStore(tmp_path / "runs")
+    run = store.run("int8", {"x": 1})
+    q_reference = export.predict(q, test, 16, False).argmax(1)
+    e = export.ensure(run, q, test, False, q_reference, 16, "int8")
+    record = json.loads(run.path(export.RECORD).read_text())
+    assert e.quantized and 0 <= e.stability <= 100 and record["stability"] == e.stability
+    assert record["noise_levels"] == export.NOISE_LEVELS
+    assert export.ensure(run, q, test, False, q_reference, 16, "int8").stability == e.stability
+    run.path(export.RECORD).write_text(json.dumps({k: v for k, v in record.items() if k != "stability"}))
+    assert not export.ensure(run, q, test, False, q_reference, 16, "int8").reused  # a record from before: made again
+
+
 def test_the_file_says_what_input_it_takes(net):
     meta = {p.key: p.value for p in onnx.load_from_string(export.to_bytes(net, {"model": "x"})).metadata_props}
     assert json.loads(meta["mean"]) == list(data.MEAN) and json.loads(meta["std"]) == list(data.STD)
