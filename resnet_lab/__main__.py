@@ -3,6 +3,7 @@
     python -m resnet_lab check params/baseline.yaml          validate a params file
     python -m resnet_lab train params/baseline.yaml          train (or reuse) the baseline's run of each seed
     python -m resnet_lab tune params/optuna.yaml             run (resume, or join) the Optuna study
+    python -m resnet_lab tune params/optuna.yaml --storage postgresql://user@host/db   the same, shared
     python -m resnet_lab report [--profile smoke] [--force]  run and render every notebook not up to date
     python -m resnet_lab bench [params/bench.yaml]           training-throughput benchmark
     python -m resnet_lab export runs/<stage>/<key>           the run's model as ONNX (model.onnx), checked
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("file")
     o = sub.add_parser("tune", help="run the Optuna study of a params file until it has n_trials finished trials")
     o.add_argument("file")
+    o.add_argument("--storage", help="the study's storage, in place of the file's `storage` (e.g. the same "
+                                     "postgresql://user@host/db on every machine that shares the study)")
     r = sub.add_parser("report", help="execute the notebooks with papermill and render HTML reports")
     r.add_argument("--profile", default="default")
     r.add_argument("--out", default="reports")
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             from . import tune
 
             p = params.load(a.file, "optuna")
+            if a.storage is not None:
+                p = params.validate({**p, "storage": a.storage}, "optuna")
             study = tune.run(p)
             print(f"study {study.study_name}: {len(study.get_trials(states=tune.FINISHED))} finished trials, "
                   f"best validation accuracy {study.best_value:.2f}%; best params: {tune.write_best(study, p)}")

@@ -9,8 +9,11 @@ complete baseline params file (`best.yaml`) that 01_baseline accepts unchanged.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import random
 import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,74 @@ def study_dir(p: dict) -> Path:
     return runs.RunStore(p["run_root"]).root / "optuna" / study_name(p)
 
 
+# A bare `postgresql://` or `mysql://` URL gets the first of these drivers that is installed (SQLAlchemy would
+# pick one that may not be: psycopg 3 for postgresql, mysqlclient for mysql). `pip install -e ".[postgres]"` or
+# `".[mysql]"` installs the first one.
+DRIVERS = {"postgresql": ("psycopg", "psycopg2"), "mysql": ("pymysql", "MySQLdb")}
+EXTRAS = {"postgresql": "postgres", "mysql": "mysql"}
+RACE_ATTEMPTS = 10  # tries to open an RDB storage whose schema other workers are creating at the same moment
+
+
+def rdb_url(url: str) -> str:
+    """`url` with an installed driver named: `postgresql://…` (or Heroku's `postgres://…`) and `mysql://…` get
+    the first installed driver of `DRIVERS`; a URL that names its driver (`postgresql+psycopg2://…`) is kept."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "+" in scheme:
+        return url
+    base = "postgresql" if scheme == "postgres" else scheme
+    if base not in DRIVERS:
+        return url
+    for module in DRIVERS[base]:
+        if importlib.util.find_spec(module) is not None:
+            return f"{base}+{module.lower()}://{rest}"
+    raise params_mod.ParamsError(f"parameter 'storage': a {base} study needs a database driver, and none of "
+                                 f"{', '.join(DRIVERS[base])} is installed: pip install -e \".[{EXTRAS[base]}]\"")
+
+
+def _shown(url: str) -> str:
+    """The URL without its password, for messages."""
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: shown as given, it carries no password SQLAlchemy would use
+        return url
+
+
+def _lost_race(err: Exception) -> bool:
+    """Whether opening an RDB storage failed because another worker was creating Optuna's schema at the same
+    moment (tables, types or the version row created twice, or the file locked), not for a lasting reason."""
+    import sqlalchemy
+
+    if isinstance(err, sqlalchemy.exc.IntegrityError):  # the version row or a type inserted twice
+        return True
+    text = str(err).lower()
+    return isinstance(err, sqlalchemy.exc.DBAPIError) and any(
+        sign in text for sign in ("already exists", "duplicate key", "database is locked", "deadlock"))
+
+
+def _open_rdb(url: str, beat: int | None, attempts: int = RACE_ATTEMPTS) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage at `url`, creating its schema if it is not there. Several workers started together on
+    a fresh database race to create it (SQLite: "table … already exists", PostgreSQL: "duplicate key … CREATE
+    TYPE"); the loser waits a random moment and opens it again, when the schema is there. Any other failure (a
+    server that does not answer, a refused login) is a one-line error naming the storage."""
+    import sqlalchemy
+
+    for attempt in range(1, attempts + 1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=2 * beat if beat else None)
+        except sqlalchemy.exc.SQLAlchemyError as err:
+            if attempt < attempts and _lost_race(err):
+                time.sleep(random.uniform(0.05, 0.25) * attempt)
+                continue
+            reason = str(getattr(err, "orig", None) or err).strip().splitlines()
+            raise params_mod.ParamsError(f"parameter 'storage': cannot open the study storage {_shown(url)}: "
+                                         f"{reason[0] if reason else type(err).__name__}") from None
+    raise AssertionError("unreachable")
+
+
 def storage(p: dict) -> optuna.storages.BaseStorage:
     """The study's storage: SQLite in the run store by default, a journal file, or any RDB URL."""
     url = p["storage"] or f"sqlite:///{runs.RunStore(p['run_root']).root / 'optuna' / 'studies.db'}"
@@ -51,10 +122,7 @@ def storage(p: dict) -> optuna.storages.BaseStorage:
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    beat = p["heartbeat_s"] or None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=2 * beat if beat else None)
+    return _open_rdb(rdb_url(url), p["heartbeat_s"] or None)
 
 
 def make_pruner(p: dict) -> optuna.pruners.BasePruner:
