@@ -49,12 +49,15 @@ def resolve(path: str | os.PathLike) -> Path:
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
     """Write through `write(file)` into a temp file beside `path`, fsync, then rename over `path`.
 
-    A crash leaves either the old file or the new one, never a partial file under the final name.
+    A crash leaves either the old file or the new one, never a partial file under the final name. The file gets
+    the mode a plain `open` would give it (0666 less the umask: 0644 under the usual 022), not the temp file's 0600,
+    so that reports and run stores can be read by a web server, a group or a colleague.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -65,6 +68,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back: POSIX has no other way before Linux 4.7's
+    /proc status field, which is read first)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

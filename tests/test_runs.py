@@ -22,6 +22,24 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert os.listdir(tmp_path) == ["metrics.json"]  # no temp file left behind
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_written_files_honour_the_umask_as_a_plain_open_does(tmp_path, umask):
+    # Before: every file written through the temp file + rename was 0600 whatever the umask (issue 17, item 3).
+    old = os.umask(umask)
+    try:
+        runs.write_json(tmp_path / "metrics.json", {"acc": 1})
+        runs.write_text(tmp_path / "report.html", "<p>")
+        runs.save_torch(tmp_path / "model.pt", {"w": torch.zeros(1)})
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    expected = (tmp_path / "plain").stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    for name in ("metrics.json", "report.html", "model.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+
+
 def test_json_refuses_nan_and_reports_corruption(tmp_path):
     with pytest.raises(ValueError):
         runs.write_json(tmp_path / "m.json", {"acc": float("nan")})
