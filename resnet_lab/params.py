@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -50,6 +51,9 @@ class Field:
         """Return the value coerced to the field's type, or raise ParamsError."""
         if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if self.kind is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML, papermill's -f) reads 1e-3 without a dot as a string; a person means the number
+            value = float(value)
         ok_type = isinstance(value, self.kind) and not (self.kind is not bool and isinstance(value, bool))
         if not ok_type:
             raise ParamsError(
@@ -69,6 +73,10 @@ class Field:
         if bad:
             raise ParamsError(f"parameter '{key}' = {value!r} is out of range; expected {self.allowed()} ({self.help})")
         return self.validator(key, value) if self.validator else value
+
+
+# A decimal number as people write one: 1e-3, 5E-4, .5, 3., -2.5e+1 (not inf/nan, not hex)
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _f(kind, default, help, **kw) -> Field:

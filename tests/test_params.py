@@ -55,6 +55,32 @@ def test_int_is_accepted_for_float_and_defaults_fill_in():
     assert p["epochs"] == params.SCHEMAS["baseline"]["epochs"].default
 
 
+def test_a_number_written_the_usual_way_is_a_number(tmp_path):
+    # Before: YAML 1.1 reads `1e-3` (no dot) as a string and `lr: 1e-3` was refused with "has type str"
+    # (issue 17, item 5), while `papermill -p lr 1e-3` worked.
+    f = tmp_path / "p.yaml"
+    f.write_text("lr: 1e-3\nweight_decay: 5E-4\nlabel_smoothing: .1\n"
+                 "search_space:\n  lr: {sgd: [1e-3, 1e-1]}\n")
+    p = params.load(f, "optuna")
+    assert (p["lr"], p["weight_decay"], p["label_smoothing"]) == (0.001, 0.0005, 0.1)
+    assert p["search_space"]["lr"]["sgd"] == [0.001, 0.1]
+    assert params.from_notebook({"lr": "1e-3"}, "baseline")["lr"] == 0.001  # papermill -f injects the string
+    for text in ("fast", "1e-3x", "nan", "inf", "0x10", ""):
+        with pytest.raises(ParamsError, match="'lr'"):
+            params.validate({"lr": text}, "baseline")
+    with pytest.raises(ParamsError, match="out of range"):
+        params.validate({"lr": "-1e-3"}, "baseline")
+
+
+def test_the_readme_chain_examples_validate():
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    doc = yaml.safe_load(block)
+    variants = params.validate({"variants": doc["variants"]}, "pruning")["variants"]
+    assert variants[0]["lr"] == 0.001  # written 1e-3 in the README
+    params.validate({"start": doc["start"]}, "quantization")
+
+
 def test_yaml_that_is_not_a_mapping_is_refused(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text("- 1\n- 2\n")
