@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="validate a params file against a stage's schema")
     c.add_argument("file")
-    c.add_argument("--stage", default="baseline", choices=sorted(params.SCHEMAS))
+    c.add_argument("--stage", choices=sorted(params.SCHEMAS),
+                   help="the stage to check it for (default: inferred from its keys, and said)")
     t = sub.add_parser("train", help="train the baseline for a params file, one run per training seed (reuses finished runs)")
     t.add_argument("file")
     o = sub.add_parser("tune", help="run the Optuna study of a params file until it has n_trials finished trials")
@@ -47,8 +48,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if a.cmd == "check":
-            p = params.load(a.file, a.stage)
-            print(f"{a.file}: valid for stage '{a.stage}'")
+            stage = a.stage or params.infer_stage(a.file)
+            how = "" if a.stage else " (inferred from its keys; --stage checks it for another)"
+            try:
+                p = params.load(a.file, stage)
+            except params.ParamsError as e:
+                raise params.ParamsError(f"{e} [checked for stage '{stage}'{how}]") from None
+            print(f"{a.file}: valid for stage '{stage}'{how}")
             print(json.dumps(p, indent=1))
         elif a.cmd == "train":
             from . import train

@@ -53,7 +53,7 @@ class Technique:
 
     def load(self, run: runs.Run) -> nn.Module:
         """The inference model of a finished run (on the CPU, float32 in and out)."""
-        return self.loader(run) if self.loader else packed.load_model(run.path(self.artifact))
+        return self.loader(run) if self.loader else packed.load_model(run.file(self.artifact))
 
 
 @dataclass(frozen=True)

@@ -14,19 +14,22 @@ same parameters find the same run and a finished stage is reused instead of reco
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
 import json
 import os
+import pickle
+import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
-import yaml
 
 from . import params as params_mod
 
@@ -95,14 +98,32 @@ def save_torch(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+STALE_TMP_S = 600  # a temp file this old in a run folder is a write that was killed (writes take seconds)
+MAX_JSON_BYTES = 50_000_000  # a run's record; a larger file (or a symlink to an endless one) is refused unread
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"it holds {name}, which the lab never writes")
+
+
 def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file the lab wrote: bounded in size, strict (NaN and Infinity, which `write_json` refuses to
+    write, are refused when read: a NaN accuracy is not a result)."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         raise RunStoreError(f"{path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunStoreError(f"{path} is not valid JSON ({e}); delete the run folder to recompute it") from None
+    except OSError as e:
+        raise RunStoreError(f"{path} cannot be read: {e.strerror}") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise RunStoreError(f"{path} is larger than {MAX_JSON_BYTES:,} bytes: not a file the lab wrote")
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        reason = str(e)[:200] if not isinstance(e, RecursionError) else "nested too deeply"
+        raise RunStoreError(f"{path} is not valid JSON ({reason}); delete the run folder to recompute it") from None
 
 
 def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
@@ -112,9 +133,36 @@ def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise RunStoreError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise RunStoreError(f"checkpoint {path} cannot be loaded safely: {_first_line(e)}") from None
+        # torch's message advises retrying with weights_only=False, which would run the file's code: not ours to give
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise RunStoreError(f"checkpoint {path} is refused: it holds Python code or objects{what} beyond tensors and "
+                            "plain containers, which resnet-lab never writes; it was made elsewhere or altered, and "
+                            "the lab does not run code from a file") from None
     except Exception as e:  # torch raises many types for truncated, foreign or malicious files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunStoreError(f"checkpoint {path} cannot be loaded safely: {reason}") from None
+        raise RunStoreError(f"checkpoint {path} cannot be loaded safely: {_first_line(e)}") from None
+
+
+def _checked_metrics(m: Any, path: Path) -> dict[str, Any]:
+    """A run's metrics, checked where readers rely on them: a mapping whose accuracies (`*_acc`) are percentages
+    and whose label is text; anything else names the file and the field, and the run is not used."""
+    if not isinstance(m, dict):
+        raise RunStoreError(f"{path} holds {type(m).__name__}, not a mapping of metrics")
+    for key, value in m.items():
+        if key.endswith("_acc") and value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100):
+            raise RunStoreError(f"{path}: '{key}' = {str(value)[:60]!r} is not a percentage")
+    for key in ("label", "parent_label"):
+        if key in m and not isinstance(m[key], str):
+            raise RunStoreError(f"{path}: '{key}' is {type(m[key]).__name__}, not text")
+    return m
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 @contextlib.contextmanager
@@ -147,6 +195,10 @@ class Run:
     """One stage's outputs for one parameter set."""
 
     def __init__(self, store: "RunStore", stage: str, key: str):
+        for part in (stage, key):  # a key read from a shared run's params.yaml must not lead out of the store
+            if not isinstance(part, str) or part in ("", ".", "..") or "/" in part or "\0" in part or os.sep in part:
+                raise RunStoreError(f"{str(part)[:80]!r} is not the name of a run folder (a run is <stage>/<key> "
+                                    f"inside {store.root})")
         self.store, self.stage, self.key = store, stage, key
         self.dir = store.root / stage / key
 
@@ -163,16 +215,27 @@ class Run:
     def path(self, name: str) -> Path:
         return self.dir / name
 
+    def file(self, name: str) -> Path:
+        """The existing file `name` of this run, to read: a plain file inside the run folder. A run store is
+        shared, so a symlink or a name leading out of the folder (`../../x`, `/etc/x`) is refused, not followed."""
+        path = self.path(name)
+        if path.resolve().parent != self.dir.resolve():
+            raise RunStoreError(f"{path} leads outside its run folder {self.dir}: not read")
+        if not path.is_file():
+            raise RunStoreError(f"{path} is missing")
+        return path
+
     @property
     def done(self) -> bool:
         return self.path("metrics.json").is_file()
 
     @property
     def params(self) -> dict[str, Any]:
+        """The run's params.yaml, read as a params file is (bounded size, no aliases: `params.read_yaml`)."""
         try:
-            return yaml.safe_load(self.path("params.yaml").read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise RunStoreError(f"{self.path('params.yaml')} is unreadable: {e}") from None
+            return params_mod.read_yaml(self.path("params.yaml"))
+        except params_mod.ParamsError as e:
+            raise RunStoreError(str(e)) from None
 
     def write_json(self, name: str, obj: Any) -> Path:
         return write_json(self.path(name), obj)
@@ -213,14 +276,34 @@ class Run:
     def metrics(self) -> dict[str, Any]:
         if not self.done:
             raise RunStoreError(f"run {self.dir} is not finished (no metrics.json)")
-        return self.read_json("metrics.json")
+        return _checked_metrics(self.read_json("metrics.json"), self.path("metrics.json"))
 
     @contextlib.contextmanager
     def lock(self) -> Iterator["Run"]:
-        """Exclusive lock on this run: a second process computing the same run waits, then reuses it."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with file_lock(self.path(".lock")):
+        """Exclusive lock on this run: a second process computing the same run waits, then reuses it. Holding it,
+        the temp files of writes that were killed half-way (`atomic_write`'s `.name.*.tmp`, older than
+        `STALE_TMP_S`) are removed. A finished run of a store this process cannot write (a read-only archive, a
+        colleague's folder) is read without a lock: nobody can change it."""
+        with contextlib.ExitStack() as held:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                held.enter_context(file_lock(self.path(".lock")))
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                if not self.done:
+                    raise RunStoreError(f"run {self.dir} is not finished and its store cannot be written "
+                                        f"({e.strerror})") from None
+            else:
+                self._sweep()
             yield self
+
+    def _sweep(self) -> None:
+        now = time.time()
+        for tmp in self.dir.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                if now - tmp.stat().st_mtime > STALE_TMP_S:
+                    tmp.unlink()
 
 
 class RunStore:
@@ -233,7 +316,7 @@ class RunStore:
         run = Run(self, stage, run_key(stage, values))
         if create and not run.path("params.yaml").is_file():
             run.dir.mkdir(parents=True, exist_ok=True)
-            write_text(run.path("params.yaml"), yaml.safe_dump(dict(values), sort_keys=True))
+            write_text(run.path("params.yaml"), params_mod.dump_yaml(values))
         return run
 
     def runs(self, stage: str | None = None) -> list[Run]:

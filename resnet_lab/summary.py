@@ -147,7 +147,7 @@ class _Reader:
         else:
             try:
                 self._add(tech, run, entry)
-            except (runs.RunStoreError, KeyError, TypeError, ValueError, RuntimeError) as e:
+            except (runs.RunStoreError, KeyError, TypeError, ValueError, RuntimeError, OSError) as e:
                 entry["status"] = f"unusable: {e}"
 
     def _add(self, tech: registry.Technique, run: runs.Run, entry: dict) -> None:
@@ -180,7 +180,7 @@ class _Reader:
             "links": links, "parent": parent, "model": name, "recipe": _recipe(obp if run.stage == "baseline" else stored.get("settings") or {}), ACC: acc,
             VAL: stored.get("val_acc"), "parameters": m["params"], "nonzero parameters": m["nonzero_params"],
             MACS: m["macs"], "MACs over nonzero weights": m["sparse_macs"],
-            SIZE: run.path(stored.get("artifact", "model.pt")).stat().st_size / 1e3,
+            SIZE: run.file(tech.artifact).stat().st_size / 1e3,  # the file the model was loaded from
             "course score": m["score"], "MicroNet score": m["micronet_score"],
             "stored test accuracy (%)": stored.get("test_acc"), "run": str(run), "stage": run.stage})
         self.out.models[name] = model

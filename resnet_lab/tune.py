@@ -24,7 +24,6 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 import optuna  # noqa: E402
 import pandas as pd
 import torch
-import yaml
 
 from . import data as data_mod
 from . import models, params as params_mod, runs, train
@@ -286,7 +285,7 @@ def write_best(study: optuna.Study, p: dict) -> Path:
               f"width {p['trial_width']}.\n# A complete 01_baseline params file (hyperparameters from the study, "
               f"width and epochs from the final recipe).\n")
     path = study_dir(p) / "best.yaml"
-    runs.write_text(path, header + yaml.safe_dump(best, sort_keys=False))
+    runs.write_text(path, header + params_mod.dump_yaml(best, sort_keys=False))
     return path
 
 

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 
 import nbformat
@@ -23,6 +24,13 @@ STAGE_OF = {"bench.yaml": "bench", "optuna.yaml": "optuna", "optuna_full.yaml": 
 def test_every_params_file_validates(path):
     p = params.load(PARAMS / path, STAGE_OF.get(path, "baseline"))
     assert set(p) == set(params.SCHEMAS[STAGE_OF.get(path, "baseline")])
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in PARAMS.glob("*.yaml") if p.name != "report.yaml"))
+def test_the_stage_of_every_shipped_params_file_is_inferred(path):
+    # Before: `check` without --stage checked every file as a baseline file and refused 26 of 29 without saying
+    # why (issue 17, item 7).
+    assert params.infer_stage(PARAMS / path) == STAGE_OF.get(path, "baseline")
 
 
 def test_misspelled_key_is_named_with_suggestion_and_allowed_keys():
@@ -127,5 +135,48 @@ def test_cli_check_fails_fast_naming_the_key(tmp_path, python):
     r = subprocess.run([python, "-m", "resnet_lab", "check", str(bad)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2
     assert "unknown parameter 'batchsize' (did you mean 'batch_size'?)" in r.stderr
+    assert "[checked for stage 'baseline' (inferred from its keys" in r.stderr
     ok = subprocess.run([python, "-m", "resnet_lab", "check", str(PARAMS / "smoke.yaml")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert ok.returncode == 0 and json.loads(ok.stdout.split("\n", 1)[1])["data"] == "synthetic"
+    pruning = subprocess.run([python, "-m", "resnet_lab", "check", str(PARAMS / "pruning.yaml")], capture_output=True,
+                             text=True, cwd=ROOT, timeout=120)
+    assert pruning.returncode == 0 and "valid for stage 'pruning' (inferred" in pruning.stdout
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")) + "epochs: *i\n"
+
+
+@pytest.mark.parametrize("content, message", [
+    (BOMB.encode(), "aliases (*name) are not accepted"),
+    (b"epochs: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not UTF-8 text"),
+    (b"lr: 0.1\n#" + b"x" * 1_100_000 + b"\n", "larger than 1,000,000 bytes"),
+    (b"seed: 123456789012345678901234567890\n", "parameter 'seed'"),
+    (b"epochs: '" + b"x" * 100_000 + b"'\n", "parameter 'epochs'"),
+])
+def test_hostile_params_files_are_refused_up_front_in_one_bounded_line(tmp_path, python, content, message):
+    # Before: the alias bomb expanded without bound, deep nesting ended in RecursionError, a binary file in
+    # UnicodeDecodeError, a huge seed failed in torch after the run folder existed (issue 17, item 4).
+    f = tmp_path / "hostile.yaml"
+    f.write_bytes(f"run_root: {tmp_path / 'runs'}\n".encode() + content)
+    with pytest.raises(ParamsError) as refused:
+        params.load(f, "baseline")
+    assert message in str(refused.value) and len(str(refused.value)) < 1000
+    r = subprocess.run([python, "-m", "resnet_lab", "train", str(f)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr) < 1500 and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_params_file_that_is_a_symlink_to_an_endless_file_is_refused(tmp_path):
+    (tmp_path / "p.yaml").symlink_to("/dev/zero")
+    with pytest.raises(ParamsError, match="larger than"):
+        params.load(tmp_path / "p.yaml", "baseline")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_a_device_this_machine_lacks_is_refused_before_any_work():
+    with pytest.raises(ParamsError, match="parameter 'device' = 'cuda', but this machine has no CUDA GPU"):
+        params.validate({"device": "cuda"}, "baseline")
+    assert params.validate({"device": "cpu"}, "baseline")["device"] == "cpu"
