@@ -219,12 +219,13 @@ def tradeoff(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: 
 def show_table(df: pd.DataFrame, formats: dict | None = None):
     """A table for the report: thousands separators, two decimals unless `formats` gives a column its own
     format (a format string such as "{:.4f}" or a function); a missing value is left blank (the baseline's own
-    p-value); text columns read left-aligned. A pandas
-    Styler, which renders as HTML."""
-    style = df.style.format(precision=2, thousands=",", na_rep="")
+    p-value); text columns read left-aligned. Every cell, index label and header is HTML-escaped: model names,
+    reasons and paths come from run files that people share. A pandas Styler, which renders as HTML."""
+    style = df.style.format(precision=2, thousands=",", na_rep="", escape="html")
+    style = style.format_index(escape="html", axis=0).format_index(escape="html", axis=1)
     for col, fmt in (formats or {}).items():
         if col in df.columns:  # a column a table may lack (a seeds table of baselines only has no p-values)
-            style = style.format(fmt, subset=[col], na_rep="")
+            style = style.format(fmt, subset=[col], na_rep="", escape="html")
     text = [c for c in df.columns if df[c].dtype == object]
     return style.set_properties(subset=text, **{"text-align": "left"}) if text else style
 

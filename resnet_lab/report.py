@@ -30,13 +30,35 @@ STAMPS = ".build.json"  # in the reports folder: what each report was built from
 EVERYTHING = "*"  # a notebook that reads the whole run store (06)
 
 
+def escape(text: str) -> str:
+    """`text` with the characters HTML acts on (&, <, >) written as entities, so that a string read from a file
+    (a run's label, a reason, a path) shows as text in a report and never becomes markup or a script. Markdown
+    formatting (**bold**, `code`, lists) is untouched."""
+    return html.escape(text, quote=False)
+
+
+try:
+    from IPython.display import Markdown as _IPythonMarkdown
+except ImportError:  # IPython is in the environment (ipykernel); a bare install only loses the notebooks
+    _IPythonMarkdown = object
+
+
+class Markdown(_IPythonMarkdown):
+    """IPython's Markdown display with its text escaped (`escape`): what the notebooks show. A run store is shared
+    (a colleague's `runs/`, a course's archive), and its strings reach the reports' Markdown; with IPython's own
+    class a label such as `<img src=x onerror=…>` ran its script in the browser of whoever opened the report."""
+
+    def __init__(self, data=None, *args, **kwargs):
+        super().__init__(escape(data) if isinstance(data, str) else data, *args, **kwargs)
+
+
 def headline(text: str, reads: list | None = None) -> None:
     """Show a one-line result in the notebook; the report index quotes it. `reads`: the run folders the
     notebook read (runs, or paths relative to the run store; "*": all of it), recorded in the output so that
     `make report` re-executes the notebook exactly when one of them changes."""
-    from IPython.display import Markdown, display
+    from IPython.display import display
 
-    meta = {HEADLINE_KEY: text}
+    meta = {HEADLINE_KEY: text}  # the index escapes it where it quotes it
     if reads is not None:
         meta[READS_KEY] = [r if isinstance(r, str) else f"{r.stage}/{r.key}" for r in reads]
     display(Markdown(f"**Result:** {text}"), metadata=meta)
@@ -124,7 +146,10 @@ def _build(profile: str, out: Path, only: list[str] | None, overrides: dict[str,
                          "reads": stamp["reads"], "headline": read_output(executed, HEADLINE_KEY)})
             continue
         print(f"[report] {name} with {params_file.relative_to(PROJECT_ROOT)}", flush=True)
-        stamps.pop(name, None)
+        # its stamp leaves the disk before papermill starts rewriting the report: a build interrupted now (Ctrl-C,
+        # a kill) leaves it unstamped, so the next build runs it again instead of calling a half-run report up to date
+        if stamps.pop(name, None) is not None:
+            write_json(out / STAMPS, stamps)
         t0 = time.perf_counter()
         try:
             pm.execute_notebook(PROJECT_ROOT / "notebooks" / f"{name}.ipynb", executed, parameters=values,

@@ -7,9 +7,11 @@ import shutil
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 from PIL import Image
 
 from resnet_lab import report
@@ -152,8 +154,96 @@ def _dom(path):
     return r.stdout
 
 
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, SystemExit])  # Ctrl-C; a kill ends the same way
+def test_a_report_whose_forced_build_was_interrupted_is_built_again(tmp_path, monkeypatch, interruption):
+    # Before: the old stamp stayed on disk, and the next plain build called the half-executed report up to date
+    # and the index showed a blank row (issue 17, item 2).
+    import papermill
+
+    out, store = tmp_path / "reports", tmp_path / "runs"
+    overrides = {"run_root": str(store), "progress": False}
+    ran = []
+
+    def complete(source, target, **kwargs):  # a notebook that ran to the end: its headline and what it read
+        ran.append(Path(source).stem)
+        nb = nbformat.v4.new_notebook()
+        cell = nbformat.v4.new_code_cell("")
+        cell.outputs = [nbformat.v4.new_output("display_data", {"text/markdown": "**Result:** done"},
+                                               metadata={report.HEADLINE_KEY: "done", report.READS_KEY: ["baseline"]})]
+        nb.cells = [cell]
+        nbformat.write(nb, str(target))
+
+    def interrupted(source, target, **kwargs):  # papermill has begun rewriting the report when it is stopped
+        ran.append(Path(source).stem)
+        nbformat.write(nbformat.v4.new_notebook(), str(target))
+        raise interruption()
+
+    (store / "baseline").mkdir(parents=True)
+    monkeypatch.setattr(papermill, "execute_notebook", complete)
+    assert report.build("smoke", out, only=["01_baseline"], overrides=overrides) == 0 and ran == ["01_baseline"]
+    assert report.build("smoke", out, only=["01_baseline"], overrides=overrides) == 0 and ran == ["01_baseline"]
+    monkeypatch.setattr(papermill, "execute_notebook", interrupted)
+    with pytest.raises(interruption):
+        report.build("smoke", out, only=["01_baseline"], overrides=overrides, force=True)
+    assert "01_baseline" not in report._read_stamps(out)
+    monkeypatch.setattr(papermill, "execute_notebook", complete)
+    ran.clear()
+    assert report.build("smoke", out, only=["01_baseline"], overrides=overrides) == 0
+    assert ran == ["01_baseline"]  # run again, not "up to date"
+    assert "done" in (out / "index.html").read_text()
+
+
 def test_a_damaged_build_stamp_means_every_report_is_rebuilt(tmp_path):
     (tmp_path / report.STAMPS).write_text("{ half written")
     assert report._read_stamps(tmp_path) == {}
     (tmp_path / report.STAMPS).write_text('["not", "a", "mapping"]')
     assert report._read_stamps(tmp_path) == {}
+
+
+# A shared run store with hostile text: what a colleague's `runs/` or a course archive could hold (issue 17, item 1).
+HOSTILE = ("<img src=x onerror=\"document.body.setAttribute('data-pwned','img')\">"
+           "<script>document.body.setAttribute('data-pwned','script')</script>")
+
+
+def _poison(store):
+    """Every display string of every run's metrics.json gets the payload appended (labels, lineage, parent
+    labels, the machine), a stored artifact name becomes hostile, and a foreign run is added whose params name a
+    hostile baseline, so that the reason the summary gives for not using it quotes the payload."""
+    import json
+
+    runs_done = sorted(store.glob("*/*/metrics.json"))
+    for path in runs_done:
+        m = json.loads(path.read_text())
+        for key in ("label", "parent_label", "machine"):
+            if isinstance(m.get(key), str):
+                m[key] += HOSTILE
+        if isinstance(m.get("lineage"), list):
+            m["lineage"] = [x + HOSTILE if isinstance(x, str) else x for x in m["lineage"]]
+        if "artifact" in m:
+            m["artifact"] = "../../" + HOSTILE + ".pt"  # never followed: the technique names its file
+        path.write_text(json.dumps(m))
+    foreign = store / "svd" / "0123456789ab"
+    foreign.mkdir()
+    (foreign / "params.yaml").write_text(yaml.safe_dump({"baseline": HOSTILE}))
+    (foreign / "metrics.json").write_text(json.dumps({"label": HOSTILE, "test_acc": 50.0}))
+    return len(runs_done)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (.ci/run installs Debian's chromium)")
+def test_hostile_text_in_a_shared_run_store_renders_as_text_in_every_report(smoke_reports, tmp_path):
+    # Before: a label's onerror handler ran in 06_summary.html (Markdown and Styler tables took it as HTML).
+    _, overrides = smoke_reports
+    store = tmp_path / "runs"
+    shutil.copytree(overrides["run_root"], store)
+    assert _poison(store) > 10
+    out = tmp_path / "reports"
+    assert report.build("smoke", out, overrides={**overrides, "run_root": str(store)}) == 0
+    pages = sorted(out.glob("[0-9][0-9]_*.html"))
+    assert len(pages) == len(report.plan("smoke"))
+    shown = 0
+    for page in pages + [out / "index.html"]:
+        dom = _dom(page)
+        assert not re.search(r"<body[^>]*data-pwned", dom), page.name  # no handler or script ran
+        assert not re.search(r"<img[^>]*src=\"x\"", dom) and "<script>document.body" not in dom, page.name
+        shown += dom.count("onerror=\"document.body") + dom.count("&lt;img src=x onerror=")
+    assert shown > 0  # the payload is there, as text
