@@ -115,6 +115,16 @@ def _load_cifar10(root: Path):
         train = CIFAR10(str(root), train=True, download=True)
         test = CIFAR10(str(root), train=False, download=True)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
+        archive = root / CIFAR10_ARCHIVE
+        if archive.is_file():  # torchvision found it wrong and tried to download a good one: say it is the file
+            from torchvision.datasets.utils import calculate_md5
+
+            digest = calculate_md5(str(archive))
+            if digest != CIFAR10.tgz_md5:
+                raise DataUnavailable(
+                    f"{archive} is there but is not the CIFAR-10 archive (md5 {digest}, expected {CIFAR10.tgz_md5}; "
+                    f"{archive.stat().st_size:,} bytes): a damaged or partial download. Delete it and download "
+                    f"{CIFAR10_URL} again, or use data: mini.") from None
         raise DataUnavailable(
             f"full CIFAR-10 could not be downloaded or read ({type(e).__name__}: {e}). Without a network, "
             f"download {CIFAR10_URL} elsewhere and place {CIFAR10_ARCHIVE} in {root}/ (it is verified and "

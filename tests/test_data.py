@@ -115,6 +115,14 @@ def test_cifar10_offline_without_archive_says_where_to_put_it(tmp_path, offline)
     assert data.CIFAR10_ARCHIVE in str(e.value) and str(tmp_path) in str(e.value)
 
 
+def test_a_garbage_cifar10_archive_is_named_as_damaged_not_missing(tmp_path, offline):
+    # Before: the message said to place the archive there, which it was (issue 17, item 7).
+    (tmp_path / data.CIFAR10_ARCHIVE).write_bytes(b"<html>404 Not Found</html>")
+    with pytest.raises(DataUnavailable) as e:
+        data.load("cifar10", data_dir=str(tmp_path))
+    assert "is there but is not the CIFAR-10 archive" in str(e.value) and "Delete it" in str(e.value)
+
+
 def test_cifar10_from_a_local_archive_in_the_real_format(tmp_path, offline, monkeypatch):
     from torchvision.datasets import CIFAR10
 
