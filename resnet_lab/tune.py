@@ -133,21 +133,34 @@ def make_pruner(p: dict) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(p: dict, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
-    """Create the study, or load it if it exists in the storage (resume / join)."""
+def open_study(p: dict, pruner: optuna.pruners.BasePruner | None = None) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it if it exists in the storage (resume / join); also whether this worker created
+    it. Creation is one insert under the study name's unique constraint, so of several workers started together
+    exactly one creates the study (and enqueues the base recipe, once) and the others join it."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=study_name(p), storage=storage(p), load_if_exists=True,
-                                direction="maximize", pruner=pruner or make_pruner(p))
-    study.sampler = optuna.samplers.TPESampler(n_startup_trials=p["sampler_startup_trials"],
-                                               seed=sampler_seed(p["seed"], study.get_trials(deepcopy=False)))
-    return study
+    where = storage(p)
+    try:
+        study = optuna.create_study(study_name=study_name(p), storage=where, direction="maximize",
+                                    pruner=pruner or make_pruner(p))
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=study_name(p), storage=where, pruner=pruner or make_pruner(p))
+        created = False
+    study.sampler = optuna.samplers.TPESampler(
+        n_startup_trials=p["sampler_startup_trials"],
+        seed=sampler_seed(p["seed"], study.get_trials(deepcopy=False), joined=not created))
+    return study, created
 
 
-def sampler_seed(seed: int, trials: list) -> int:
+def sampler_seed(seed: int, trials: list, joined: bool = False) -> int:
     """A fresh study replays `seed`; a resumed one continues from the number of trials it holds, so it
-    does not redraw the configurations already tried; a worker joining others adds its process id."""
+    does not redraw the configurations already tried; a worker joining others adds its process id: one that
+    finds trials running, or that joined a study with nothing finished yet (started together with its creator, it
+    would otherwise draw the creator's configurations: measured, two workers ran the same trial twice)."""
     others_running = any(t.state == optuna.trial.TrialState.RUNNING for t in trials)
-    return (seed + 7919 * len(trials) + (os.getpid() if others_running else 0)) % 2**32
+    nothing_finished = not any(t.state in FINISHED for t in trials)
+    together = others_running or (joined and nothing_finished)
+    return (seed + 7919 * len(trials) + (os.getpid() if together else 0)) % 2**32
 
 
 # Keys that only matter under one schedule are drawn only then (Optuna's define-by-run space).
@@ -246,9 +259,9 @@ def run(p: dict, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Stud
     if len(dataset.val) == 0:
         raise params_mod.ParamsError("the study is scored on the validation split: set val_fraction > 0")
     dataset = without_test(dataset)
-    study = open_study(p, pruner)
+    study, created = open_study(p, pruner)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-    if p["enqueue_base"] and not study.trials:
+    if p["enqueue_base"] and created:  # the creator only: workers started together would each enqueue it
         study.enqueue_trial(_base_values(p), skip_if_exists=True)
     remaining = p["n_trials"] - finished
     if remaining > 0:

@@ -173,8 +173,8 @@ p = params.validate({"data": "synthetic", "run_root": str(folder / "runs"), "sto
 (folder / f"ready-{me}").touch()
 while not (folder / "go").exists():
     time.sleep(0.002)
-study = tune.open_study(p)
-print("opened", study.study_name)
+study, created = tune.open_study(p)
+print("opened", study.study_name, "created" if created else "joined")
 """
 
 
@@ -199,6 +199,7 @@ def test_workers_started_together_on_a_fresh_storage_all_open_one_study(tmp_path
             url = stack.enter_context(postgres_server.server())
         results = _open_together(tmp_path, python, url)
         assert all(rc == 0 and "opened race" in out for rc, out, _ in results), [err[-600:] for rc, _, err in results if rc]
+        assert sum("created" in out for _, out, _ in results) == 1  # one creator; the others joined
         p = params.validate({"storage": url, "study_name": "race", "run_root": str(tmp_path / "runs")}, "optuna")
         assert [s.study_name for s in optuna.get_all_study_summaries(tune.storage(p))] == ["race"]
 
@@ -220,6 +221,9 @@ def test_two_tune_workers_share_a_fresh_postgresql_study(tmp_path, python):
         assert 6 <= len(trials) <= 7  # Optuna's MaxTrialsCallback: at most one extra trial per extra worker
         assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes ran trials
         assert not [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+        # Before: both workers enqueued the base recipe and drew with the same seed, so trials ran twice
+        drawn = [tuple(sorted(t.params.items())) for t in study.trials]
+        assert len(set(drawn)) == len(drawn), drawn
 
 
 def test_a_bare_database_url_gets_an_installed_driver(monkeypatch):
