@@ -19,7 +19,7 @@ test set and run in ONNX Runtime, the engine people deploy with.
   agreement of its test-set predictions with the PyTorch model's), made once and reused. For an INT8 model it also
   stores how far the PyTorch model agrees with itself when its input moves by `NOISE_LEVELS` of one 8-bit pixel
   level (`stability`): an int8 network's prediction on some images hangs on single rounding steps (measured on the
-  default store: SVD 0.125 → INT8 changes 2.6% of its test predictions under noise of 1/100 of a pixel level), and
+  default store: SVD 0.125 → INT8 changes 2.3% of its test predictions under noise of 1/100 of a pixel level), and
   ONNX Runtime's integer kernels round differently from PyTorch's (fbgemm), so an INT8 file cannot agree with its
   PyTorch model much more than the model agrees with itself. The two numbers are shown side by side.
 
