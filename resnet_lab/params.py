@@ -83,6 +83,18 @@ def _f(kind, default, help, **kw) -> Field:
     return Field(kind, default, help, **kw)
 
 
+def _available(key: str, value: str) -> str:
+    """A device named explicitly must exist on this machine: refused before any work, not after minutes of it."""
+    import torch
+
+    if value == "cuda" and not torch.cuda.is_available():
+        raise ParamsError(f"parameter '{key}' = 'cuda', but this machine has no CUDA GPU that torch can use "
+                          "(use 'auto' or 'cpu')")
+    if value == "mps" and not torch.backends.mps.is_available():
+        raise ParamsError(f"parameter '{key}' = 'mps', but MPS is not available on this machine (use 'auto' or 'cpu')")
+    return value
+
+
 # Keys shared by every stage that loads data, builds a model or writes a run.
 COMMON: dict[str, Field] = {
     "profile": _f(str, "default", "label of the profile these params belong to", choices=("default", "full", "smoke", "seeds")),
@@ -94,7 +106,7 @@ COMMON: dict[str, Field] = {
     "seed": _f(int, 0, "seed of the split, the initialisation, the shuffling and the augmentation", low=0,
                high=2**32 - 1),  # numpy's seeds stop there; torch's a little further
     "device": _f(str, "auto", "compute device (auto: cuda, then mps, then cpu)", choices=("auto", "cpu", "cuda", "mps"),
-                 validator=lambda key, value: _available(key, value)),
+                 validator=_available),
     "eval_batch_size": _f(int, 500, "batch size for evaluation", low=1),
     "measure_batch_size": _f(int, 128, "batch size at which CPU throughput and latency are measured", low=1),
     "run_root": _f(str, "runs", "run store folder (relative to the repo root)"),
@@ -189,18 +201,6 @@ TUNING: dict[str, Field] = {
     "enqueue_base": _f(bool, True, "run the base recipe (these params) as the first trial, a known-good starting point"),
     "search_space": Field(dict, {}, "keys to search: a list of choices or a [low, high] range each", validator=check_search_space),
 }
-
-
-def _available(key: str, value: str) -> str:
-    """A device named explicitly must exist on this machine: refused before any work, not after minutes of it."""
-    import torch
-
-    if value == "cuda" and not torch.cuda.is_available():
-        raise ParamsError(f"parameter '{key}' = 'cuda', but this machine has no CUDA GPU that torch can use "
-                          "(use 'auto' or 'cpu')")
-    if value == "mps" and not torch.backends.mps.is_available():
-        raise ParamsError(f"parameter '{key}' = 'mps', but MPS is not available on this machine (use 'auto' or 'cpu')")
-    return value
 
 
 def _check_seeds(key: str, value: Any) -> list[int]:

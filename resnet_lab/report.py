@@ -19,6 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from IPython.display import Markdown as IPythonMarkdown
+
 from . import params as params_mod
 from .runs import PROJECT_ROOT, RunStoreError, file_lock, read_json, resolve, write_json, write_text
 
@@ -37,13 +39,7 @@ def escape(text: str) -> str:
     return html.escape(text, quote=False)
 
 
-try:
-    from IPython.display import Markdown as _IPythonMarkdown
-except ImportError:  # IPython is in the environment (ipykernel); a bare install only loses the notebooks
-    _IPythonMarkdown = object
-
-
-class Markdown(_IPythonMarkdown):
+class Markdown(IPythonMarkdown):
     """IPython's Markdown display with its text escaped (`escape`): what the notebooks show. A run store is shared
     (a colleague's `runs/`, a course's archive), and its strings reach the reports' Markdown; with IPython's own
     class a label such as `<img src=x onerror=…>` ran its script in the browser of whoever opened the report."""

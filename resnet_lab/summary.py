@@ -422,7 +422,7 @@ def onnx_table(s: Summary, p: dict) -> pd.DataFrame:
         if e is None:
             rows.append({"model": name, "ONNX file": "not exported: " + s.onnx_errors.get(name, "onnx is off")})
             continue
-        need = p["onnx_agreement_int8"] if e.quantized else p["onnx_agreement"]
+        need = _required(e, p)
         rows.append({"model": name, "ONNX file": str(e.path), "graph": "int8 QDQ" if e.quantized else "float32",
                      "file (KB)": e.size_kb, AGREEMENT: e.agreement, "required (%)": need,
                      STABILITY: e.stability if e.stability is not None else float("nan"),
@@ -432,6 +432,11 @@ def onnx_table(s: Summary, p: dict) -> pd.DataFrame:
                      f"throughput, {PYTORCH} (img/s)": row[s.throughput_col], f"throughput, {ORT} (img/s)": row[s.ort_throughput_col],
                      f"{ORT} ÷ {PYTORCH} speed, batch {_batch(s.throughput_col)} (×)": row[s.ort_throughput_col] / row[s.throughput_col]})
     return pd.DataFrame(rows).set_index("model")
+
+
+def _required(e: export.Exported, p: dict) -> float:
+    """The agreement an exported model must reach: `onnx_agreement_int8` for an int8 graph, else `onnx_agreement`."""
+    return p["onnx_agreement_int8"] if e.quantized else p["onnx_agreement"]
 
 
 def engine_speedups(s: Summary, df: pd.DataFrame) -> pd.DataFrame:
@@ -454,7 +459,7 @@ def flagged(s: Summary, p: dict) -> list[str]:
     threshold of their kind."""
     out = [f"{name}: no ONNX file ({why})" for name, why in s.onnx_errors.items()]
     for name, e in s.onnx.items():
-        need = p["onnx_agreement_int8"] if e.quantized else p["onnx_agreement"]
+        need = _required(e, p)
         if e.agreement < need:
             out.append(f"{name}: its ONNX file agrees with the PyTorch model on {e.agreement:.2f}% of the "
                        f"{e.images} test images, below {need:g}% ({e.path})"

@@ -15,6 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from resnet_lab import tune
+from resnet_lab.params import ParamsError
+
 
 def binaries() -> Path | None:
     """The folder holding initdb and pg_ctl, or None."""
@@ -34,11 +37,11 @@ def missing() -> str | None:
             pwd.getpwnam("postgres")
         except KeyError:
             return "running as root and there is no 'postgres' user to run the server as"
-    for module in ("psycopg", "psycopg2"):
-        with contextlib.suppress(ImportError):
-            __import__(module)
-            return None
-    return 'no PostgreSQL driver: pip install -e ".[postgres]"'
+    try:
+        tune.rdb_url("postgresql://")  # the lab's own choice of driver
+    except ParamsError as e:
+        return str(e)
+    return None
 
 
 @contextlib.contextmanager
@@ -67,7 +70,7 @@ def server(database: str = "lab") -> Iterator[str]:
         try:
             import sqlalchemy
 
-            engine = sqlalchemy.create_engine(f"postgresql+{_driver()}://lab@/postgres?host={folder}",
+            engine = sqlalchemy.create_engine(tune.rdb_url(f"postgresql://lab@/postgres?host={folder}"),
                                               isolation_level="AUTOCOMMIT")
             with engine.connect() as conn:
                 conn.execute(sqlalchemy.text(f'CREATE DATABASE "{database}"'))
@@ -78,10 +81,3 @@ def server(database: str = "lab") -> Iterator[str]:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
-
-def _driver() -> str:
-    for module in ("psycopg", "psycopg2"):
-        with contextlib.suppress(ImportError):
-            __import__(module)
-            return module
-    raise RuntimeError(missing())
