@@ -134,7 +134,8 @@ def _build(profile: str, out: Path, only: list[str] | None, overrides: dict[str,
         executed, page = out / f"{name}.ipynb", out / f"{name}.html"
         inputs, run_root = inputs_digest(name, values), values.get("run_root", "runs")
         stamp = stamps.get(name, {})
-        entry = {"name": name, "params": params_file.name, "failed": False, "inputs": inputs, "run_root": str(run_root)}
+        entry = {"name": name, "params": params_file.name, "profile": profile, "failed": False, "inputs": inputs,
+                 "run_root": str(run_root)}
         if (not force and stamp.get("inputs") == inputs and executed.is_file() and page.is_file()
                 and isinstance(stamp.get("reads"), list) and stamp.get("store") == store_digest(run_root, stamp["reads"])):
             print(f"[report] {name}: up to date (built in {stamp.get('seconds', 0):.0f} s; --force runs it again)", flush=True)
@@ -165,9 +166,9 @@ def _build(profile: str, out: Path, only: list[str] | None, overrides: dict[str,
     for d in done:
         if not d["failed"] and isinstance(d["reads"], list):
             stamps[d["name"]] = {"inputs": d["inputs"], "reads": d["reads"], "store": store_digest(d["run_root"], d["reads"]),
-                                 "seconds": d["built_in"]}
+                                 "seconds": d["built_in"], "profile": d["profile"], "params": d["params"]}
     write_json(out / STAMPS, stamps)
-    write_index(out / "index.html", _with_earlier_reports(done, profile, out), profile)
+    write_index(out / "index.html", _with_earlier_reports(done, profile, out, stamps), profile)
     print("[report] wall time: " + ", ".join(f"{d['name']} {d['seconds']:.0f} s" + (" (up to date)" if d["skipped"] else "")
                                              for d in done)
           + f"; total {sum(d['seconds'] for d in done):.0f} s", flush=True)
@@ -179,17 +180,24 @@ def _build(profile: str, out: Path, only: list[str] | None, overrides: dict[str,
     return 0
 
 
-def _with_earlier_reports(done: list[dict], profile: str, out: Path) -> list[dict]:
-    """Entries for every notebook of the plan that has a report in `out`, not only those run now."""
+def _with_earlier_reports(done: list[dict], profile: str, out: Path, stamps: dict[str, dict]) -> list[dict]:
+    """Entries for every notebook of the plan that has a report in `out`, not only those run now; one built
+    earlier carries the profile and params file its stamp records (another profile's, after a build of this one
+    stopped or ran only some notebooks), or none when its last build did not finish."""
     ran = {d["name"]: d for d in done}
     entries = []
-    for name, params_file in plan(profile):
+    for name, _ in plan(profile):
         if name in ran:
             entries.append(ran[name])
         elif (out / f"{name}.ipynb").is_file() and (out / f"{name}.html").is_file():
-            entries.append({"name": name, "params": params_file.name, "seconds": None, "failed": False,
-                            "headline": read_output(out / f"{name}.ipynb", HEADLINE_KEY)})
+            stamp = stamps.get(name, {})
+            entries.append({"name": name, "params": _text(stamp.get("params")), "profile": _text(stamp.get("profile")),
+                            "seconds": None, "failed": False, "headline": read_output(out / f"{name}.ipynb", HEADLINE_KEY)})
     return entries
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def render_html(notebook: Path, target: Path) -> Path:
@@ -237,12 +245,21 @@ def _took(entry: dict) -> str:
     return "earlier run" if entry["seconds"] is None else f"{entry['seconds']:.0f} s"
 
 
+UNKNOWN = "<i>unknown: its last build did not finish</i>"
+
+
 def write_index(path: Path, entries: list[dict], profile: str) -> Path:
+    """The index page: one row per report with its headline, the profile and params file it was built with (each
+    row its own: a report left by an earlier build of another profile says so), and its build time."""
     rows = "\n".join(
         f"<tr><td><a href='{html.escape(e['name'])}.html'>{html.escape(e['name'])}</a></td>"
         f"<td>{'<b class=fail>FAILED</b> ' if e['failed'] else ''}{html.escape(e['headline'] or '')}</td>"
-        f"<td><code>params/{html.escape(e['params'])}</code></td><td class=num>{_took(e)}</td></tr>"
+        f"<td>{_code(e.get('profile'), UNKNOWN)}</td><td>{_code(e.get('params'), '<i>unknown</i>', 'params/')}</td><td class=num>{_took(e)}</td></tr>"
         for e in entries)
+    others = sorted({e.get("profile") or "unknown" for e in entries} - {profile})
+    built = (f"Built with profile <code>{html.escape(profile)}</code>" if not others else
+             f"This build used profile <code>{html.escape(profile)}</code>; <b>rows of another profile "
+             f"({html.escape(', '.join(others))}) are reports left by an earlier build</b>")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>resnet-lab reports</title>
 <style>
@@ -252,12 +269,16 @@ th, td {{ text-align: left; padding: .5rem .7rem; border-bottom: 1px solid #ddd;
 th {{ background: #f3f3f3; }} .num {{ text-align: right; white-space: nowrap; }} .fail {{ color: #b00; }}
 </style></head><body>
 <h1>resnet-lab reports</h1>
-<p>Profile <code>{html.escape(profile)}</code>, generated {datetime.now().strftime('%Y-%m-%d %H:%M')}.
+<p>{built}, generated {datetime.now().strftime('%Y-%m-%d %H:%M')}.
 Each report is a notebook executed by papermill; its parameters are in the first cells.</p>
-<table><thead><tr><th>report</th><th>result</th><th>parameters</th><th>run time</th></tr></thead>
+<table><thead><tr><th>report</th><th>result</th><th>profile</th><th>parameters</th><th>run time</th></tr></thead>
 <tbody>
 {rows}
 </tbody></table>
 </body></html>
 """
     return write_text(path, page)
+
+
+def _code(value: str | None, unknown: str, prefix: str = "") -> str:
+    return f"<code>{html.escape(prefix + value)}</code>" if value else unknown

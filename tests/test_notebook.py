@@ -193,6 +193,50 @@ def test_a_report_whose_forced_build_was_interrupted_is_built_again(tmp_path, mo
     assert "done" in (out / "index.html").read_text()
 
 
+def test_the_index_names_the_profile_each_report_was_built_with(tmp_path, monkeypatch):
+    # Before: after `make report` (default) then a PROFILE=smoke build of one notebook into the same folder, the
+    # index said "Profile smoke" and `params/pruning_smoke.yaml` beside reports built by the default profile
+    # (issue 17, item 7).
+    import papermill
+
+    out, store = tmp_path / "reports", tmp_path / "runs"
+    (store / "baseline").mkdir(parents=True)
+    overrides = {"run_root": str(store), "progress": False}
+
+    def complete(source, target, parameters, **kwargs):
+        nb = nbformat.v4.new_notebook()
+        cell = nbformat.v4.new_code_cell("")
+        cell.outputs = [nbformat.v4.new_output("display_data", {"text/markdown": "done"}, metadata={
+            report.HEADLINE_KEY: f"{Path(source).stem} of {parameters['profile']}", report.READS_KEY: ["baseline"]})]
+        nb.cells = [cell]
+        nbformat.write(nb, str(target))
+
+    def interrupted(source, target, **kwargs):
+        nbformat.write(nbformat.v4.new_notebook(), str(target))
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(papermill, "execute_notebook", complete)
+    assert report.build("default", out, overrides=overrides) == 0
+    assert report.build("smoke", out, only=["01_baseline"], overrides=overrides) == 0
+    monkeypatch.setattr(papermill, "execute_notebook", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        report.build("smoke", out, only=["05_svd"], overrides=overrides)
+    monkeypatch.setattr(papermill, "execute_notebook", complete)
+    assert report.build("smoke", out, only=["02_optuna"], overrides=overrides) == 0
+    page = (out / "index.html").read_text()
+    rows = {re.search(r"href='([0-9a-z_]+)\.html'", r).group(1): r for r in re.findall(r"<tr><td>.*?</tr>", page)}
+    assert len(rows) == len(report.plan("default"))
+    plan = {name: params_file.name for name, params_file in report.plan("default")}
+    smoke = {name: params_file.name for name, params_file in report.plan("smoke")}
+    for name in ("01_baseline", "02_optuna"):
+        assert f"<code>smoke</code>" in rows[name] and f"params/{smoke[name]}" in rows[name] and f"{name} of smoke" in rows[name]
+    for name in ("03_quantization", "04_pruning", "06_summary"):
+        assert "<code>default</code>" in rows[name] and f"params/{plan[name]}</code>" in rows[name], rows[name]
+        assert f"params/{smoke[name]}" not in rows[name] and f"{name} of default" in rows[name]
+    assert "unknown: its last build did not finish" in rows["05_svd"] and "smoke" not in rows["05_svd"]
+    assert "rows of another profile (default, unknown) are reports left by an earlier build" in page
+
+
 def test_a_damaged_build_stamp_means_every_report_is_rebuilt(tmp_path):
     (tmp_path / report.STAMPS).write_text("{ half written")
     assert report._read_stamps(tmp_path) == {}
