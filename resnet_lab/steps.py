@@ -321,6 +321,9 @@ class Context:
         tech = registry.get(link.kind)
         if registry.get(parent.row["technique"]).terminal:
             raise params_mod.ParamsError(f"{parent.name} is not transformed further; {link.kind} cannot follow it")
+        if tech.trains:  # a recipe torch cannot schedule is refused before its run folder exists
+            recipe = {**self.bp, **{k: link.settings[k] for k in params_mod.FINETUNE}}
+            train.check_schedule(recipe, train.steps_per_epoch(recipe, len(self.dataset.train)))
         run = self.store.run(link.kind, self.identity(parent, link))
         with run.lock():
             fresh = None

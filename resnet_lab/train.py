@@ -82,8 +82,26 @@ def make_optimizer(model: nn.Module, p: dict) -> torch.optim.Optimizer:
     return cls(groups, lr=p["lr"], betas=(p["momentum"], 0.999))
 
 
+def check_schedule(p: dict, steps_per_epoch: int) -> None:
+    """Refuse (ParamsError) a one-cycle schedule whose warm-up is exactly one step: torch's OneCycleLR then divides
+    by zero in the middle of training (e.g. batch_size as large as the training set, 4 epochs, warmup 0.25)."""
+    total = p["epochs"] * steps_per_epoch
+    if p["scheduler"] == "onecycle" and float(p["warmup_fraction"] * total) - 1 == 0:  # OneCycleLR's own arithmetic
+        raise params.ParamsError(
+            f"scheduler 'onecycle' cannot warm up over exactly one step (torch's OneCycleLR divides by zero): "
+            f"warmup_fraction {p['warmup_fraction']:g} × {total} steps ({p['epochs']} epochs × {steps_per_epoch} "
+            f"batches of {p['batch_size']}) = 1; change batch_size, epochs or warmup_fraction")
+
+
+def steps_per_epoch(p: dict, n_train: int) -> int:
+    """Optimizer steps of one training epoch (incomplete last batches are dropped; a batch larger than the
+    training set is the whole set)."""
+    return n_train // max(1, min(p["batch_size"], n_train)) if n_train else 0
+
+
 def make_scheduler(opt: torch.optim.Optimizer, p: dict, steps_per_epoch: int):
     """A per-step schedule; `step` drops every `step_size` epochs like StepLR on epochs."""
+    check_schedule(p, steps_per_epoch)
     total = p["epochs"] * steps_per_epoch
     if p["scheduler"] == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
@@ -249,9 +267,10 @@ def baseline(p: dict, train_seed: int | None = None) -> BaselineResult:
     """Train the baseline ResNet18 for params `p` (validated), or reuse the finished run. `train_seed` (one of
     `p['seeds']`) trains a replicate: the same data split (of `p['seed']`), another initialisation, order and
     augmentation, its own run."""
+    dataset = data_mod.from_params(p)  # fails here, before any run folder, if the data is missing
+    check_schedule(p, steps_per_epoch(p, len(dataset.train)))
     store = runs.RunStore(p["run_root"])
     run = store.run("baseline", run_params(p, train_seed))
-    dataset = data_mod.from_params(p)  # fails here, before any training, if the data is missing
     with run.lock():
         reused = run.done and p["reuse"]
         if not reused:

@@ -169,6 +169,56 @@ def test_hostile_params_files_are_refused_up_front_in_one_bounded_line(tmp_path,
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("stage, content, message", [
+    ("baseline", "measure_batch_size: 1000000000\n", "parameter 'measure_batch_size' = 1,000,000,000 cannot fit"),
+    ("baseline", "data: synthetic\nsynthetic_train: 9000000\n", "parameter 'synthetic_train' = 9,000,000 cannot fit"),
+    ("baseline", "width: 1024\nbatch_size: 65536\n", "parameter 'batch_size' = 65,536 cannot fit"),
+    ("baseline", "synthetic_test: 100000000000\n", "parameter 'synthetic_test' = 100000000000 is out of range"),
+    ("summary", "latency_batch_size: 1000000000\n", "parameter 'latency_batch_size' = 1,000,000,000 cannot fit"),
+    ("quantization", "eval_batch_size: 1000000000\nbaseline: params/full.yaml\n", None),  # capped by the split
+])
+def test_sizes_whose_allocation_cannot_succeed_are_refused_before_any_work(tmp_path, stage, content, message):
+    # Before: a huge measure_batch_size failed in torch.randn after the whole training, synthetic sizes in numpy's
+    # allocator, a huge batch after the run folder existed (issue 17, item 4). The need counted is a lower bound,
+    # so a size that a split caps (evaluation batches larger than any split) is accepted.
+    f = tmp_path / "sizes.yaml"
+    f.write_text(f"run_root: {tmp_path / 'runs'}\n{content}")
+    if message is None:
+        assert params.load(f, stage)
+        return
+    with pytest.raises(ParamsError) as refused:
+        params.load(f, stage)
+    assert str(refused.value).startswith(message) and "GiB" in str(refused.value) or "out of range" in message
+    assert len(str(refused.value)) < 400
+
+
+def test_the_memory_a_model_keeps_per_image_is_counted_from_its_real_forward_pass():
+    # the meta-device count (nothing allocated) equals the outputs of every leaf module of a real forward pass
+    import torch
+
+    from resnet_lab import models, resources
+
+    sizes = []
+    model = models.resnet18(8)
+    for m in model.modules():
+        if not list(m.children()):
+            m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel()))
+    model(torch.zeros(1, 3, 32, 32))
+    assert resources.activation_floats(8) == (sum(sizes), max(sizes)) == (sum(sizes), 8 * 32 * 32)
+    assert 0 < resources.memory_bytes()
+
+
+def test_a_training_batch_that_leaves_one_step_per_epoch_is_refused_with_its_reason(tmp_path, python):
+    # Before: OneCycleLR divided by zero in the first epoch, after the run folder existed (issue 17, item 4)
+    f = tmp_path / "one_step.yaml"
+    f.write_text((PARAMS / "smoke.yaml").read_text() + f"run_root: {tmp_path / 'runs'}\nbatch_size: 65536\n")
+    r = subprocess.run([python, "-m", "resnet_lab", "train", str(f)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "scheduler 'onecycle' cannot warm up over exactly one step" in r.stderr and "change batch_size" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_params_file_that_is_a_symlink_to_an_endless_file_is_refused(tmp_path):
     (tmp_path / "p.yaml").symlink_to("/dev/zero")
     with pytest.raises(ParamsError, match="larger than"):

@@ -113,6 +113,18 @@ def test_a_step_that_cannot_follow_is_refused_before_any_work(baseline, tmp_path
         assert sorted(str(r) for r in runs.RunStore(baseline).runs()) == before  # nothing created
 
 
+def test_a_fine_tune_torch_cannot_schedule_is_refused_before_its_run_folder(baseline):
+    # Before: a batch as large as the training set (448 smoke images: one step per epoch) made OneCycleLR divide by
+    # zero mid-training, after the step's run folder existed (issue 17, item 4).
+    p = _stage_params("pruning_smoke.yaml", "pruning", baseline, batch_size=448, epochs=4, sensitivity_amounts=[],
+                      curve_amounts=[], variants=[STRUCTURED])
+    before = {str(r) for r in runs.RunStore(baseline).runs()}
+    with pytest.raises(params.ParamsError, match="scheduler 'onecycle' cannot warm up over exactly one step"):
+        pruning.run(p)
+    new = [r for r in runs.RunStore(baseline).runs() if str(r) not in before]
+    assert all(r.done for r in new) and not [r for r in new if r.stage == "prune"]  # analyses finished, no orphan
+
+
 def test_seeds_give_one_run_per_seed_told_apart_by_name(baseline):
     qp = _stage_params("quantization_smoke.yaml", "quantization", baseline, methods=["binaryconnect"], epochs=1,
                        binaryconnect=[{"seeds": [0, 1]}])
