@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import math
 import os
 import platform
 import sys
@@ -166,6 +167,32 @@ def _weight(m: nn.Module) -> torch.Tensor:
     return m.weight() if callable(m.weight) else m.weight  # quantized modules expose weight()
 
 
+def _levels_weight(m: nn.Module) -> bool:
+    """The layer's weight is on an integer grid (torch int8, or frozen by quantization-aware training): a zero in
+    it is rounding, not pruning."""
+    from .qat import _Quantized
+
+    return isinstance(m, _Quantized) or _weight(m).is_quantized
+
+
+def layer_weight_bits(m: nn.Module) -> float:
+    """Bits per weight of a conv/linear layer: for a QAT layer, measured from its weights, log2 of the most
+    distinct levels any output channel holds (rounded up); else `weight_bits` of its storage."""
+    from .qat import _Quantized
+
+    if isinstance(m, _Quantized):
+        w = m.quantized_weight().detach().flatten(1)
+        most = max(int(torch.unique(row).numel()) for row in w)
+        return float(max(1, math.ceil(math.log2(most))))
+    return weight_bits(_weight(m))
+
+
+def input_bits(m: nn.Module, x: torch.Tensor) -> int:
+    """Bits of the activation entering a layer: its input quantizer's (QAT), else the input's storage type."""
+    quantizer = getattr(m, "a_quant", None)
+    return quantizer.bits if quantizer is not None else x.element_size() * 8
+
+
 def weight_bits(w: torch.Tensor) -> int:
     """Bits per weight: 1 where every output channel holds one magnitude with signs (BinaryConnect's ±1
     or ±α, zeros allowed), else the storage type's (32, 16, 8 for quantized int8)."""
@@ -180,7 +207,7 @@ def _trace(model: nn.Module, layers: list[nn.Module], input_size: tuple[int, ...
     seen: dict[nn.Module, tuple[int, int]] = {}
 
     def hook(m, inputs, output):
-        seen[m] = (inputs[0].element_size() * 8, output[0].numel() // output.shape[1])
+        seen[m] = (input_bits(m, inputs[0]), output[0].numel() // output.shape[1])
 
     handles = [m.register_forward_hook(hook) for m in layers]
     was_training = model.training
@@ -198,11 +225,12 @@ def _trace(model: nn.Module, layers: list[nn.Module], input_size: tuple[int, ...
 def bit_widths(model: nn.Module, input_size: tuple[int, ...] = (2, 3, 32, 32)) -> dict[str, float]:
     """Weight and activation bits measured from the model, as the course score needs them.
 
-    weight_bits: mean `weight_bits` over the conv/linear weights, weighted by their number.
-    act_bits: the widest activation entering a conv/linear layer during a forward pass.
+    weight_bits: mean `layer_weight_bits` over the conv/linear weights, weighted by their number.
+    act_bits: the widest activation entering a conv/linear layer during a forward pass (a QAT layer's input
+    quantizer's bits; so a W4A4 model whose first conv and last linear stay at 8 bits has act_bits 8).
     """
     layers = _layers(model)
-    weights = [(_weight(m).numel(), weight_bits(_weight(m))) for m in layers]
+    weights = [(_weight(m).numel(), layer_weight_bits(m)) for m in layers]
     total = sum(n for n, _ in weights)
     return {"weight_bits": sum(n * b for n, b in weights) / total,
             "act_bits": float(max(bits for bits, _ in _trace(model, layers, input_size).values()))}
@@ -228,7 +256,7 @@ def course_inputs(model: nn.Module, pruned_from: nn.Module | None = None) -> dic
     """
     params = count_params(model)
     w, f = (count_params(pruned_from), count_macs(pruned_from)["macs"]) if pruned_from is not None else (params, count_macs(model)["macs"])
-    zeros = sum(int(t.numel() - torch.count_nonzero(t)) for t in map(_weight, _layers(model)) if not t.is_quantized)
+    zeros = sum(int(_weight(m).numel() - torch.count_nonzero(_weight(m))) for m in _layers(model) if not _levels_weight(m))
     bits = bit_widths(model)
     p_s, p_u = 1 - params / w, zeros / w
     return {**bits, "p_s": p_s, "p_u": p_u, "score_w": w, "score_f": f,
@@ -243,7 +271,7 @@ def _kept_weights(model: nn.Module) -> dict[str, tuple[int, int]]:
     for name, m in models.unwrap(model).named_modules():
         if m in layers:
             w = _weight(m)
-            out[name] = (w.numel(), w.numel() if w.is_quantized else int(torch.count_nonzero(w)))
+            out[name] = (w.numel(), w.numel() if _levels_weight(m) else int(torch.count_nonzero(w)))
     return out
 
 
@@ -269,7 +297,7 @@ def micronet(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> 
     layers = _layers(model)
     trace = _trace(model, layers, input_size)
     conv_weights = {id(_weight(m)) for m in layers if not callable(m.weight)}
-    tensors = [(_weight(m), weight_bits(_weight(m))) for m in layers]
+    tensors = [(_weight(m), layer_weight_bits(m)) for m in layers]
     tensors += [(p, p.element_size() * 8) for name, p in model.named_parameters()  # BatchNorm, biases
                 if id(p) not in conv_weights and ".parametrizations." not in name]  # not a weight's latent copy
     tensors += [(m.bias(), 32) for m in layers if callable(m.bias) and m.bias() is not None]  # quantized layers
@@ -282,7 +310,7 @@ def micronet(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> 
         w = _weight(m)
         nonzero = int(torch.count_nonzero(w.dequantize() if w.is_quantized else w))
         in_bits, positions = trace[m]
-        ops += 2 * positions * nonzero * max(weight_bits(w), in_bits) / 32
+        ops += 2 * positions * nonzero * max(layer_weight_bits(m), in_bits) / 32
     return {"micronet_params": params, "micronet_ops": ops,
             "micronet_score": params / SCORE_PARAMS + ops / (2 * SCORE_MACS)}
 

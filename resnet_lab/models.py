@@ -66,7 +66,8 @@ def build(arch: dict) -> nn.Module:
     `factorized` ({layer: rank}: the conv replaced by a low-rank pair, see `low_rank_pair`), `shapes`
     ({layer: weight shape}, from `shapes_of`: layers resized, e.g. channels removed by structured
     pruning; taken from the final model, so it covers the pairs' layers too) and `precision`
-    (float16 or bfloat16: the model wrapped in `Precision`). Any chain of those steps rebuilds.
+    (float16 or bfloat16: the model wrapped in `Precision`), or `qat` ({layer: [weight bits, activation bits,
+    signed input]}: the layer fake-quantized by QAT, see `qat.rebuild`). Any chain of those steps rebuilds.
     """
     if arch.get("name") != "resnet18":
         raise ValueError(f"unknown architecture {arch!r}; known: resnet18")
@@ -75,6 +76,10 @@ def build(arch: dict) -> nn.Module:
         model.set_submodule(name, low_rank_pair(model.get_submodule(name), int(rank)))
     for name, shape in arch.get("shapes", {}).items():
         model.set_submodule(name, _resized(model.get_submodule(name), shape))
+    if arch.get("qat"):  # layers quantization-aware training fake-quantizes (weights frozen at their levels)
+        from . import qat
+
+        model = qat.rebuild(model, arch["qat"])
     precision = arch.get("precision", "float32")
     if precision != "float32":
         model = Precision(model, getattr(torch, precision))

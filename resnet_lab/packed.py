@@ -1,10 +1,12 @@
-"""A compact file format for compressed weights: 1-bit signs, bitmask-sparse tensors, dense values.
+"""A compact file format for compressed weights: 1-bit signs, b-bit levels, bitmask-sparse tensors, dense values.
 
 `save(state, path, arch)` stores each tensor of a state_dict in the smallest of three forms:
 - signs: every output channel holds one magnitude α_c with signs (BinaryConnect's ±1 or ±α), maybe
   with zeros (pruned): 1 bit per sign (per nonzero when masked) + a 1-bit mask + α per channel;
 - sparse: a 1-bit mask over the full shape plus the nonzero values in their dtype, used when the
   zeros saved outweigh the mask (more than 1/bits of the entries are zero: MicroNet's accounting);
+- levels: a weight that quantization-aware training froze at integer levels times a step per output
+  channel (`qat`, the arch record names its bits): b bits per entry, the step stored as its own tensor;
 - dense: the values in their dtype.
 All bits share one uint8 tensor and values of each dtype one tensor, next to a layout of plain lists,
 so a file loads with `torch.load(weights_only=True)` and costs no per-tensor overhead.
@@ -67,10 +69,17 @@ def pack(state: Mapping[str, torch.Tensor], arch: dict) -> dict[str, Any]:
     """The packed form of `state` (see the module docstring)."""
     out = _Writer()
     layout = []
+    quantized = arch.get("qat") or {}
     for name, t in state.items():
         entry: dict[str, Any] = {"name": name, "shape": list(t.shape)}
+        layer = name.removesuffix(".weight")
+        codes = _codes(t, state.get(f"{layer}.w_quant.step"), quantized[layer][0]) if layer in quantized else None
         if not t.is_floating_point():  # BatchNorm's num_batches_tracked
             entry |= {"kind": "int", "value": t.flatten().tolist()}
+        elif codes is not None:  # a QAT weight: b bits per entry, its step per channel stored beside it
+            bits, q_min = quantized[layer][0], -(2 ** (quantized[layer][0] - 1))
+            entry |= {"kind": "levels", "dtype": str(t.dtype).removeprefix("torch."), "bits": bits, "q_min": q_min,
+                      "codes": out.add_bits(_to_bits(codes - q_min, bits)), "step": f"{layer}.w_quant.step"}
         elif (alpha := sign_magnitudes(t)) is not None:
             nonzero = t != 0
             sparse = not bool(nonzero.all())
@@ -91,6 +100,23 @@ def pack(state: Mapping[str, torch.Tensor], arch: dict) -> dict[str, Any]:
     return {"format": FORMAT, "arch": arch, "layout": layout,
             "bits": torch.from_numpy(np.concatenate(out.bits) if out.bits else np.zeros(0, np.uint8)),
             "values": {k: torch.cat(v) for k, v in out.values.items()}}
+
+
+def _codes(w: torch.Tensor, step: torch.Tensor | None, bits: int) -> torch.Tensor | None:
+    """The integers of a frozen QAT weight (w = codes·step per output channel, codes in the signed `bits`-bit
+    range), or None if `w` is not exactly that."""
+    if step is None or not w.is_floating_point() or step.numel() != w.shape[0]:
+        return None
+    s = step.detach().view(-1, *([1] * (w.dim() - 1)))
+    codes = torch.round(w.detach() / s)
+    if codes.abs().max() > 2 ** (bits - 1) or not torch.equal(codes * s, w.detach()):
+        return None
+    return codes.to(torch.int64)
+
+
+def _to_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Each value (0 … 2^bits−1) as its `bits` binary digits, lowest first (what `add_bits` packs 8 to a byte)."""
+    return ((values.flatten()[:, None] >> torch.arange(bits)) & 1).to(torch.bool)
 
 
 def save(state: Mapping[str, torch.Tensor], path: str | os.PathLike, arch: dict) -> Path:
@@ -162,7 +188,15 @@ def _unpack(blob: dict) -> dict[str, torch.Tensor]:
             w = torch.zeros(n, dtype=v.dtype)
             w[mask] = v[e["offset"]: e["offset"] + int(mask.sum())]
             state[e["name"]] = w.view(shape)
+        elif e["kind"] == "levels":  # after its step is read: below
+            digits = flags(e["codes"], n * e["bits"]).view(n, e["bits"]).to(torch.int64)
+            state[e["name"]] = (digits << torch.arange(e["bits"])).sum(1) + e["q_min"]
         else:  # dense, or the legacy "float"
             v = values[e.get("dtype", "float32")]
             state[e["name"]] = v[e["offset"]: e["offset"] + n].view(shape).clone()
+    for e in blob["layout"]:
+        if e["kind"] == "levels":  # codes times the step of their channel, as `qat.freeze` computed the weight
+            step = state[e["step"]]
+            state[e["name"]] = (state[e["name"]].to(step.dtype).view(e["shape"]) * step.view(-1, *([1] * (len(e["shape"]) - 1)))
+                                ).to(getattr(torch, e["dtype"]))
     return state

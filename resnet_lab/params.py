@@ -225,9 +225,35 @@ STAGE: dict[str, Field] = {
                             "spread of every model over seeds; [] = from the baseline of `seed` only",
                             validator=_check_seeds),
 }
+def check_distill(key: str, value: Any) -> dict[str, Any]:
+    """Knowledge distillation of a fine-tune: {} (off), or {alpha, temperature, teacher} (missing keys take
+    DISTILL_KEYS' defaults)."""
+    if value is None or value == {}:
+        return {}
+    if not isinstance(value, dict):
+        raise ParamsError(f"'{key}' must be a mapping of {', '.join(DISTILL_KEYS)} (or {{}}: off), not {_bounded(repr(value))}")
+    for k in value:
+        if k not in DISTILL_KEYS:
+            close = difflib.get_close_matches(str(k), DISTILL_KEYS, n=1)
+            raise ParamsError(f"unknown key '{key}.{k}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                              + f"; distillation takes {', '.join(DISTILL_KEYS)}")
+    return {k: f.check(f"{key}.{k}", value.get(k, f.default)) for k, f in DISTILL_KEYS.items()}
+
+
+DISTILL_KEYS: dict[str, Field] = {
+    "alpha": _f(float, 0.5, "weight of the teacher's soft targets in the loss: (1 − α)·CE + α·T²·KL", low=0.0, high=1.0),
+    "temperature": _f(float, 4.0, "softmax temperature of both models' logits in the KL term", low=0.0, high=100.0,
+                      low_open=True),
+    "teacher": _f(str, "baseline", "the teacher: 'baseline' (the baseline this stage starts from) or the params file "
+                  "of another finished baseline run (e.g. params/full.yaml)"),
+}
 # The recipe of any (re)training a stage does: the baseline's training keys except the architecture,
-# and eval_flip, which stays the baseline's so every accuracy is measured the same way.
-FINETUNE: dict[str, Field] = {k: f for k, f in TRAINING.items() if k not in ("width", "eval_flip")}
+# and eval_flip, which stays the baseline's so every accuracy is measured the same way; and distillation.
+FINETUNE: dict[str, Field] = {
+    **{k: f for k, f in TRAINING.items() if k not in ("width", "eval_flip")},
+    "distill": Field(dict, {}, "knowledge distillation from a teacher during the fine-tune: {} (off) or {alpha, "
+                     "temperature, teacher} (defaults 0.5, 4, 'baseline')", validator=check_distill),
+}
 
 # ---------------------------------------------------------------- chains of compression steps
 # A chain is a list of links, each a registered technique's kind, bare (`int8`) or with settings
@@ -238,7 +264,7 @@ SEEDS = Field(list, [], "training seeds: one run per seed (empty: the stage's `s
 # what a link that trains accepts besides its own settings: the fine-tuning recipe and its seed(s)
 LINK_TRAINING: dict[str, Field] = {**FINETUNE, "seed": COMMON["seed"], "seeds": SEEDS}
 
-QUANT_METHODS = ("fp16", "bf16", "int8", "binaryconnect")
+QUANT_METHODS = ("fp16", "bf16", "int8", "binaryconnect", "qat")
 INT8_BACKENDS = ("x86", "fbgemm", "onednn", "qnnpack")
 BC_KEYS: dict[str, Field] = {
     "init": _f(str, "pretrained", "start from the parent's trained weights or from scratch (its architecture, "
@@ -250,6 +276,18 @@ BC_KEYS: dict[str, Field] = {
     "scale": _f(bool, False, "multiply the signs by α = mean |w| per output channel (XNOR-Net)"),
 }
 BC_VARIANT_KEYS: dict[str, Field] = {**BC_KEYS, "epochs": TRAINING["epochs"], "lr": TRAINING["lr"], "seeds": SEEDS}
+
+QAT_KEYS: dict[str, Field] = {
+    "weight_bits": _f(int, 4, "bits of every conv/linear weight (per output channel, symmetric, learned step)",
+                      choices=(8, 4, 3, 2)),
+    "act_bits": _f(int, 4, "bits of the activation entering every conv/linear layer (per tensor, learned step; "
+                   "unsigned after a ReLU)", choices=(8, 4)),
+    "first_last_bits": _f(int, 8, "bits of the first conv and the last linear, weights and input (the layers most "
+                          "sensitive to quantization)", choices=(8, 4)),
+    "calibration_images": _f(int, 512, "training images (not augmented) whose forward pass sets the initial steps",
+                             low=1, high=50_000),
+}
+QAT_VARIANT_KEYS: dict[str, Field] = {**QAT_KEYS, "epochs": TRAINING["epochs"], "lr": TRAINING["lr"], "seeds": SEEDS}
 
 PRUNE_METHODS = ("l1", "ln_structured")
 PRUNE_KEYS: dict[str, Field] = {
@@ -314,6 +352,7 @@ LINKS: dict[str, dict[str, Field]] = {
              "calibration_images": _f(int, 1024, "training images (not augmented) that calibrate the INT8 "
                                       "activation ranges", low=1)},
     "binaryconnect": {**BC_KEYS, **LINK_TRAINING},
+    "qat": {**QAT_KEYS, **LINK_TRAINING},
     "prune": {**PRUNE_KEYS, "amount": _f(float, None, "share of the chosen weights zeroed (l1) or of the channels "
                                          "removed (ln_structured), in [0, 1)", low=0.0, high=1.0, high_open=True,
                                          required=True),
@@ -419,6 +458,11 @@ QUANTIZATION: dict[str, Field] = {
     "binaryconnect": Field(list, [{}], "BinaryConnect variants to train, each a mapping of "
                            + ", ".join(BC_VARIANT_KEYS) + " (epochs, lr and seeds default to the stage's)",
                            validator=check_bc_variants),
+    "qat": Field(list, [{"weight_bits": 8, "act_bits": 8}, {"weight_bits": 4, "act_bits": 4}],
+                 "quantization-aware training variants (LSQ), each a mapping of " + ", ".join(QAT_VARIANT_KEYS)
+                 + " (epochs, lr and seeds default to the stage's)",
+                 validator=lambda key, value: [{**{k: f.default for k, f in QAT_KEYS.items()}, **v}
+                                               for v in _variants(key, value, QAT_VARIANT_KEYS)]),
 }
 
 
@@ -772,6 +816,12 @@ def from_notebook(namespace: Mapping[str, Any], stage: str) -> dict[str, Any]:
     return validate(values, stage)
 
 
+# Keys added after runs were stored, left out of a run's identity while they hold this value (off), so the runs
+# stored before them keep their keys.
+ADDED_OFF = {"distill": {}}
+
+
 def identity(values: Mapping[str, Any], ignore: Iterable[str] = NOT_IN_IDENTITY) -> dict[str, Any]:
     """The part of a parameter set that decides what a run computes."""
-    return {k: v for k, v in sorted(values.items()) if k not in set(ignore)}
+    return {k: v for k, v in sorted(values.items())
+            if k not in set(ignore) and not (k in ADDED_OFF and v == ADDED_OFF[k])}

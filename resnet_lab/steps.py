@@ -118,7 +118,9 @@ class Step:
             recipe["epochs"] = epochs
         p = {**self.ctx.bp, **recipe, "seed": self.settings["seed"], "device": self.ctx.p["device"],
              "progress": self.ctx.p["progress"]}
-        return train.fit(model, self.ctx.dataset, p, checkpoint=self.run.path(checkpoint), after_step=after_step)
+        teacher = self.ctx.teacher(recipe["distill"]["teacher"]) if recipe["distill"] else None
+        return train.fit(model, self.ctx.dataset, p, checkpoint=self.run.path(checkpoint), after_step=after_step,
+                         teacher=teacher)
 
 
 @dataclass
@@ -228,6 +230,17 @@ class Context:
             r = train.score(logits[split], labels)
             out[f"{split}_acc"], out[f"{split}_loss"] = r["acc"], r["loss"]
         return out, logits
+
+    def teacher(self, name: str) -> nn.Module:
+        """A distillation teacher, a copy the fine-tune may move to its device: 'baseline' (the baseline this
+        context starts from), or the model of the finished baseline run of a params file."""
+        import copy
+
+        if name == "baseline":
+            return copy.deepcopy(self.root.model)
+        result, _ = train.trained_baseline(name, self.p)
+        self.read.append(f"{result.run.stage}/{result.run.key}")
+        return result.model
 
     # -- the root of every chain
     def _root(self) -> Model:

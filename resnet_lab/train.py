@@ -164,8 +164,12 @@ def score(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 # ---------------------------------------------------------------- training
 def fit(model: nn.Module, dataset: data_mod.Dataset, p: dict, checkpoint: str | Path | None = None,
-        on_epoch: Callable[[dict], None] | None = None, after_step: Callable[[], None] | None = None) -> list[dict]:
+        on_epoch: Callable[[dict], None] | None = None, after_step: Callable[[], None] | None = None,
+        teacher: nn.Module | None = None) -> list[dict]:
     """Train `model` with the recipe in `p`; return the per-epoch history.
+
+    `teacher`: with `p['distill']` set, the model whose logits on the same augmented batch the loss also
+    matches (`distillation_loss`); it is not trained.
 
     `on_epoch(record)` is called after each epoch (Optuna reports and prunes through it);
     `after_step()` after each optimizer step (BinaryConnect clips its weights, pruning re-applies masks).
@@ -185,6 +189,11 @@ def fit(model: nn.Module, dataset: data_mod.Dataset, p: dict, checkpoint: str | 
     sched = make_scheduler(opt, p, len(train))
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=p["label_smoothing"])
+    distill = p.get("distill") or {}
+    if distill and teacher is None:
+        raise ValueError("distill is set but no teacher model was given")
+    if distill:
+        teacher = teacher.to(device, memory_format=torch.channels_last if cl else torch.contiguous_format).eval()
 
     history: list[dict] = []
     if checkpoint and Path(checkpoint).is_file():
@@ -206,7 +215,12 @@ def fit(model: nn.Module, dataset: data_mod.Dataset, p: dict, checkpoint: str | 
         for step, (x, y) in enumerate(bar):
             with autocast(device, dtype):
                 logits = model(x)
-                loss = loss_fn(logits, y)
+                if distill:
+                    with torch.no_grad():
+                        taught = teacher(x)
+                    loss = distillation_loss(logits, taught, y, distill["alpha"], distill["temperature"], loss_fn)
+                else:
+                    loss = loss_fn(logits, y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -243,6 +257,19 @@ def fit(model: nn.Module, dataset: data_mod.Dataset, p: dict, checkpoint: str | 
                                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                                          "history": history})
     return history
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float,
+                      temperature: float, ce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+                      ) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al. 2015): (1 − α)·CE(student, labels) + α·T²·KL(p_teacher^T ‖ p_student^T),
+    the softmaxes at temperature T (T² keeps the soft term's gradient on the scale of the hard one's); batch mean."""
+    hard = ce(student, labels)
+    if alpha == 0:
+        return hard
+    soft = F.kl_div(F.log_softmax(student.float() / temperature, 1), F.log_softmax(teacher.float() / temperature, 1),
+                    reduction="batchmean", log_target=True)
+    return (1 - alpha) * hard + alpha * temperature**2 * soft
 
 
 def _describe(r: dict, epochs: int) -> str:

@@ -1,4 +1,4 @@
-"""03_quantization: FP16/BF16, INT8 and BinaryConnect registered as steps; the notebook's run and tables.
+"""03_quantization: FP16/BF16, INT8, BinaryConnect and QAT registered as steps; the notebook's run and tables.
 
 The methods apply to the start model: the baseline, or any model a chain of steps from it makes
 (`start` in params, e.g. the structured-pruned model).
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import data as data_mod
-from .. import metrics, models, params, quantize, registry, steps, train
+from .. import metrics, models, params, qat, quantize, registry, steps, train
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -99,6 +99,44 @@ registry.register(registry.Technique(
     defaults=_bc_defaults, trains=True))
 
 
+# ---------------------------------------------------------------- quantization-aware training
+def qat_name(s: dict[str, Any]) -> str:
+    edges = f", first/last {s['first_last_bits']}-bit" if s["first_last_bits"] != max(s["weight_bits"], s["act_bits"]) else ""
+    return f"QAT W{s['weight_bits']}A{s['act_bits']} (LSQ{edges}, simulated)"
+
+
+def _make_qat(step: steps.Step) -> steps.Made:
+    s, parent = step.settings, step.parent.model
+    if any(hasattr(m, "parametrizations") for m in parent.modules()) or isinstance(parent, models.Precision):
+        raise params.ParamsError(f"QAT cannot follow {step.parent.name}: it quantizes float32 weights")
+    train_split = step.ctx.dataset.train
+    n = min(s["calibration_images"], len(train_split))
+    images, _ = next(iter(data_mod.Batches(data_mod.Split(train_split.images[:n], train_split.labels[:n]), n, "cpu")))
+    model = qat.quantize(parent, qat.layer_bits(parent, s["weight_bits"], s["act_bits"], s["first_last_bits"]), images)
+    before = step.accuracy(model)
+    after_step = None
+    if step.parent.row["pruned"]:  # a pruned parent's zeros stay zero (a zero weight quantizes to level 0)
+        kept = [(m.weight, m.weight.detach() != 0) for m in qat.quantized_layers(model).values()]
+
+        @torch.no_grad()
+        def after_step():
+            for w, mask in kept:
+                w.mul_(mask.to(w.device))
+    history = step.finetune(model, after_step=after_step)
+    qat.freeze(model.cpu())
+    arch = {**step.parent.row["arch"], "qat": qat.arch_record(model)}
+    return steps.Made(model, arch, before, history, {"simulated": True, "calibration_images": n})
+
+
+def _qat_defaults() -> dict[str, Any]:
+    return {k: f.default for k, f in params.QAT_KEYS.items()}
+
+
+registry.register(registry.Technique(
+    "qat", "03_quantization", "quantization", describe=qat_name, make=_make_qat, defaults=_qat_defaults, trains=True,
+    terminal=True))
+
+
 # ---------------------------------------------------------------- the 03 stage
 def run(p: dict[str, Any]) -> steps.Result:
     """Apply every method of `p['methods']` to the start model (the baseline, or the end of `p['start']`);
@@ -115,9 +153,10 @@ def run(p: dict[str, Any]) -> steps.Result:
             elif method == "int8":
                 links = [ctx.link("int8", {"backend": q["int8_backend"], "calibration_images": q["calibration_images"]})]
             else:
-                links = [ctx.link("binaryconnect", {**{k: v[k] for k in params.BC_KEYS}, **recipe(q),
-                                                    **{k: v[k] for k in ("epochs", "lr") if k in v}}, seed)
-                         for v in q["binaryconnect"] for seed in v.get("seeds") or [q["seed"]]]
+                keys = params.BC_KEYS if method == "binaryconnect" else params.QAT_KEYS
+                links = [ctx.link(method, {**{k: v[k] for k in keys}, **recipe(q),
+                                           **{k: v[k] for k in ("epochs", "lr") if k in v}}, seed)
+                         for v in q[method] for seed in v.get("seeds") or [q["seed"]]]
             for link in links:
                 result.add(ctx.apply(start, link))
         return result
