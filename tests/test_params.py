@@ -13,10 +13,11 @@ from conftest import PARAMS, ROOT
 
 STAGE_OF = {"bench.yaml": "bench", "optuna.yaml": "optuna", "optuna_full.yaml": "optuna", "optuna_smoke.yaml": "optuna",
             **{f: "quantization" for f in ("quantization.yaml", "quantization_smoke.yaml", "quantization_full.yaml",
-                                            "fp16.yaml", "int8.yaml", "bc.yaml", "quantization_seeds.yaml")},
+                                            "fp16.yaml", "int8.yaml", "bc.yaml", "quantization_seeds.yaml", "qat.yaml")},
             **{f: "svd" for f in ("svd.yaml", "svd_energy.yaml", "svd_smoke.yaml", "svd_full.yaml", "svd_scratch.yaml", "svd_seeds.yaml")},
             **{f: "pruning" for f in ("pruning.yaml", "pruning_smoke.yaml", "pruning_full.yaml", "l1.yaml", "l1_global.yaml",
-                                      "ln_structured.yaml", "prune_fp16.yaml", "prune_bc.yaml", "l1_sensitivity.yaml", "pruning_seeds.yaml")},
+                                      "ln_structured.yaml", "prune_fp16.yaml", "prune_bc.yaml", "l1_sensitivity.yaml", "pruning_seeds.yaml",
+                                      "prune_qat.yaml")},
             **{f: "summary" for f in ("summary.yaml", "summary_smoke.yaml", "summary_full.yaml", "summary_seeds.yaml")}}
 
 

@@ -210,6 +210,9 @@ def describe(table: pd.DataFrame, result: steps.Result) -> str:
                          f"baseline's size.")
     lines.append("BinaryConnect's rebuilt model runs float32 convolutions with ±1 (or ±α) weights: without "
                  "binary kernels its gain is the file size, not speed.")
+    if (table["technique"] == "qat").any():
+        lines.append("QAT models are simulated: float32 convolutions on weights and inputs rounded to their levels "
+                     "(the rounding costs time: no int4 CPU kernels exist); their file holds each weight at its bits.")
     return "  \n".join(lines)
 
 
@@ -219,6 +222,8 @@ def headline(table: pd.DataFrame) -> str:
         for name, r in table[table["technique"] == technique].iterrows():
             speed = f", {r[steps.SPEEDUP]:.1f}× CPU throughput" if steps.SPEEDUP in r else ""
             parts.append(f"{name} {r[steps.DELTA_PARENT]:+.2f} pt{speed}")
+    for name, r in table[table["technique"] == "qat"].iterrows():
+        parts.append(f"{name} {r[steps.ACC]:.1f}% ({r[steps.DELTA_PARENT]:+.1f} pt), bits {r[steps.BITS]}")
     bc = table[table["technique"] == "binaryconnect"]
     if len(bc):
         best = bc[steps.VAL].idxmax()  # chosen on validation
