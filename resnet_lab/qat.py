@@ -180,3 +180,21 @@ def rebuild(model: nn.Module, record: dict[str, list]) -> nn.Module:
         q.frozen = True
         model.set_submodule(name, q)
     return model
+
+
+def float_model(model: nn.Module) -> nn.Module:
+    """A frozen QAT model as plain conv/linear layers holding its quantized weights, without the input quantizers:
+    what post-training INT8 (`quantize.int8`) takes to put a W8A8 model on int8 CPU kernels (BatchNorm folded in,
+    activation ranges observed again). A new model."""
+    import copy
+
+    model = copy.deepcopy(model)
+    for name, q in quantized_layers(model).items():
+        if not q.frozen:
+            raise ValueError(f"{name} is not frozen: freeze the QAT model first")
+        plain = nn.Conv2d if isinstance(q, nn.Conv2d) else nn.Linear
+        m = copy.deepcopy(q)
+        m.__class__ = plain
+        del m.w_quant, m.a_quant, m.frozen
+        model.set_submodule(name, m)
+    return model

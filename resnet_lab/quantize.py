@@ -83,7 +83,7 @@ INT8_FORMAT = "resnet-lab/int8/1"
 def int8_arch(arch: dict, backend: str) -> dict:
     """The arch record of `int8(model, …, backend)` for a float model of `arch`: the float model's record
     (its graph is rebuilt from it) and the engine."""
-    return {**arch, "int8": backend}
+    return {**{k: v for k, v in arch.items() if k != "qat"}, "int8": backend}  # a QAT parent: its float layers
 
 
 def save_int8(model: nn.Module, path: str | os.PathLike, arch: dict) -> Path:

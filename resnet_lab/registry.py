@@ -44,6 +44,7 @@ class Technique:
     trains: bool = False  # it fine-tunes: the recipe and the seed belong to its runs' identity
     prunes: bool = False  # it removes or zeroes weights: descendants are scored against the unpruned model
     terminal: bool = False  # its model is not transformed further (a chain ends with it)
+    followed_by: tuple[str, ...] | None = None  # the only kinds that may transform its model (None: any)
     cpu_only: bool = False  # its model runs on CPU kernels only, so it is evaluated on the CPU
     normalize: Callable[[dict], dict] = lambda settings: settings  # drops settings that do not apply
 

@@ -270,6 +270,9 @@ class Context:
             if tech.terminal and i < len(chain) - 1:
                 raise params_mod.ParamsError(f"{here}: its model is not transformed further, so it must be the last "
                                              f"step of the chain")
+            if tech.followed_by is not None and i < len(chain) - 1 and next(iter(chain[i + 1])) not in tech.followed_by:
+                raise params_mod.ParamsError(f"{here}: only {', '.join(tech.followed_by)} may follow it, not "
+                                             f"{next(iter(chain[i + 1]))}")
             settings = link_settings(kind, given, self.p)
             tech.check(here, settings)
             seeds = given.get("seeds") or [given.get("seed", self.p["seed"])]
@@ -332,8 +335,10 @@ class Context:
         """The child run of `parent` for `link`: reused when finished, else computed now (under the run's lock,
         so a second process waits and reuses it)."""
         tech = registry.get(link.kind)
-        if registry.get(parent.row["technique"]).terminal:
-            raise params_mod.ParamsError(f"{parent.name} is not transformed further; {link.kind} cannot follow it")
+        before = registry.get(parent.row["technique"])
+        if before.terminal or (before.followed_by is not None and link.kind not in before.followed_by):
+            raise params_mod.ParamsError(f"{parent.name} is not transformed further by {link.kind}"
+                                         + (f" (only {', '.join(before.followed_by)} may follow it)" if before.followed_by else ""))
         if tech.trains:  # a recipe torch cannot schedule is refused before its run folder exists
             recipe = {**self.bp, **{k: link.settings[k] for k in params_mod.FINETUNE}}
             train.check_schedule(recipe, train.steps_per_epoch(recipe, len(self.dataset.train)))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from resnet_lab import metrics, models, packed, params, qat, runs, steps, train
-from resnet_lab.stages import quantization
+from resnet_lab.stages import pruning, quantization
 
 from conftest import smoke_baseline
 from conftest import stage_params as _stage_params
@@ -158,3 +158,26 @@ def test_qat_is_a_step_of_03_and_a_link_of_any_chain_with_distillation(store):
                                                  "distill": {"alpha": 0.5, "temperature": 2.0}}}])
     again = result.ctx.chain(start, result.ctx.links(chain)[0])
     assert again[0].run.key == made.run.key
+
+
+def test_a_w8a8_qat_model_ends_on_int8_kernels_that_agree_with_its_fake_quantized_self(store):
+    q = _stage_params("quantization_smoke.yaml", "quantization", store, methods=["qat"], epochs=1,
+                      qat=[{"weight_bits": 8, "act_bits": 8}], calibration_images=128)
+    result = quantization.run(q)
+    fake, real = result.models[1:]
+    assert fake.row["technique"] == "qat" and real.row["lineage"] == ["qat", "int8"]
+    assert real.row["parent"] == fake.ref and real.row["eval_device"] == "cpu"
+    assert any(m.weight().is_quantized for m in real.model.modules() if hasattr(m, "weight") and callable(m.weight))
+    agree = 100.0 * float((real.run.predictions()["test"] == fake.run.predictions()["test"]).float().mean())
+    assert real.row["agreement_with_parent"] == pytest.approx(agree) and agree >= 95.0
+    assert (real.row["weight_bits"], real.row["act_bits"]) == (8.0, 8.0)
+
+
+def test_only_int8_may_follow_qat(store):
+    p = _stage_params("pruning_smoke.yaml", "pruning", store, sensitivity_amounts=[], curve_amounts=[], epochs=1,
+                      variants=[{"method": "ln_structured", "scope": "layer", "amounts": [0.5],
+                                 "then": [{"qat": {"epochs": 1}}, "fp16"]}])
+    before = {str(r) for r in runs.RunStore(store).runs()}
+    with pytest.raises(params.ParamsError, match="only int8 may follow it, not fp16"):
+        pruning.run(p)
+    assert {str(r) for r in runs.RunStore(store).runs()} == before  # refused before any work

@@ -56,9 +56,15 @@ def _make_int8(step: steps.Step) -> steps.Made:
     s, train_split = step.settings, step.ctx.dataset.train
     n = s["calibration_images"]
     calibration = data_mod.Split(train_split.images[:n], train_split.labels[:n])
-    model = quantize.int8(step.parent.model, data_mod.Batches(calibration, 128, "cpu"), s["backend"])
-    return steps.Made(model, quantize.int8_arch(step.parent.row["arch"], s["backend"]),
-                      extra={"backend": s["backend"], "calibration_images": len(calibration)})
+    parent = step.parent.model
+    if qat.quantized_layers(parent):  # a W8A8 QAT model onto int8 kernels: its weights, ranges observed again
+        parent = qat.float_model(parent)
+    model = quantize.int8(parent, data_mod.Batches(calibration, 128, "cpu"), s["backend"])
+    extra = {"backend": s["backend"], "calibration_images": len(calibration)}
+    if step.parent.row["technique"] == "qat":  # how faithfully the int8 kernels compute the QAT model
+        ours = step.ctx.predict(model, "test", cpu_only=True).argmax(1)  # the evaluation protocol the parent had
+        extra["agreement_with_parent"] = 100.0 * float((ours == step.parent.run.predictions()["test"]).float().mean())
+    return steps.Made(model, quantize.int8_arch(step.parent.row["arch"], s["backend"]), extra=extra)
 
 
 def _int8_defaults() -> dict[str, Any]:
@@ -107,8 +113,6 @@ def qat_name(s: dict[str, Any]) -> str:
 
 def _make_qat(step: steps.Step) -> steps.Made:
     s, parent = step.settings, step.parent.model
-    if any(hasattr(m, "parametrizations") for m in parent.modules()) or isinstance(parent, models.Precision):
-        raise params.ParamsError(f"QAT cannot follow {step.parent.name}: it quantizes float32 weights")
     train_split = step.ctx.dataset.train
     n = min(s["calibration_images"], len(train_split))
     images, _ = next(iter(data_mod.Batches(data_mod.Split(train_split.images[:n], train_split.labels[:n]), n, "cpu")))
@@ -134,7 +138,7 @@ def _qat_defaults() -> dict[str, Any]:
 
 registry.register(registry.Technique(
     "qat", "03_quantization", "quantization", describe=qat_name, make=_make_qat, defaults=_qat_defaults, trains=True,
-    terminal=True))
+    followed_by=("int8",)))
 
 
 # ---------------------------------------------------------------- the 03 stage
@@ -158,7 +162,12 @@ def run(p: dict[str, Any]) -> steps.Result:
                                            **{k: v[k] for k in ("epochs", "lr") if k in v}}, seed)
                          for v in q[method] for seed in v.get("seeds") or [q["seed"]]]
             for link in links:
-                result.add(ctx.apply(start, link))
+                made = ctx.apply(start, link)
+                result.add(made)
+                if link.kind == "qat" and {link.settings[k] for k in params.QAT_KEYS if k.endswith("bits")} == {8}:
+                    # a W8A8 model ends on int8 CPU kernels, beside 03's post-training INT8
+                    result.add(ctx.apply(made, ctx.link("int8", {"backend": q["int8_backend"],
+                                                                 "calibration_images": q["calibration_images"]})))
         return result
 
     return steps.replicated(p, one)
