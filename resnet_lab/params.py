@@ -275,7 +275,8 @@ BC_KEYS: dict[str, Field] = {
                choices=("deterministic", "stochastic")),
     "scale": _f(bool, False, "multiply the signs by α = mean |w| per output channel (XNOR-Net)"),
 }
-BC_VARIANT_KEYS: dict[str, Field] = {**BC_KEYS, "epochs": TRAINING["epochs"], "lr": TRAINING["lr"], "seeds": SEEDS}
+BC_VARIANT_KEYS: dict[str, Field] = {**BC_KEYS, "epochs": TRAINING["epochs"], "lr": TRAINING["lr"], "seeds": SEEDS,
+                                     "distill": FINETUNE["distill"]}
 
 QAT_KEYS: dict[str, Field] = {
     "weight_bits": _f(int, 4, "bits of every conv/linear weight (per output channel, symmetric, learned step)",
@@ -287,7 +288,8 @@ QAT_KEYS: dict[str, Field] = {
     "calibration_images": _f(int, 512, "training images (not augmented) whose forward pass sets the initial steps",
                              low=1, high=50_000),
 }
-QAT_VARIANT_KEYS: dict[str, Field] = {**QAT_KEYS, "epochs": TRAINING["epochs"], "lr": TRAINING["lr"], "seeds": SEEDS}
+QAT_VARIANT_KEYS: dict[str, Field] = {**QAT_KEYS, "epochs": TRAINING["epochs"], "lr": TRAINING["lr"], "seeds": SEEDS,
+                                      "distill": FINETUNE["distill"]}
 
 PRUNE_METHODS = ("l1", "ln_structured")
 PRUNE_KEYS: dict[str, Field] = {
@@ -486,6 +488,7 @@ SVD_VARIANT: dict[str, Field] = {
     "then": THEN,
     "epochs": TRAINING["epochs"],
     "lr": TRAINING["lr"],
+    "distill": FINETUNE["distill"],
     "seeds": SEEDS,
 }
 
@@ -534,6 +537,7 @@ PRUNE_VARIANT: dict[str, Field] = {
     "then": THEN,
     "epochs": _f(int, 5, "fine-tuning epochs after pruning (iterative: in total)", low=1, high=10_000),
     "lr": TRAINING["lr"],
+    "distill": FINETUNE["distill"],
     "seeds": SEEDS,
 }
 

@@ -353,7 +353,7 @@ class Context:
             return Model(run, row, model, run.read_json("history.json"))
 
     def _compute(self, tech: registry.Technique, parent: Model, link: Link, run: runs.Run) -> nn.Module:
-        name = tech.describe(link.settings)
+        name = tech.describe(link.settings) + distilled(link.settings)
         label = name if parent.row["technique"] == "baseline" else f"{parent.name} → {name}"
         if self.p["progress"]:
             print(f"{label}: computing into {run}", flush=True)
@@ -386,6 +386,15 @@ class Context:
         for f in run.dir.glob("checkpoint*.pt"):
             f.unlink()
         return model
+
+
+def distilled(settings: dict[str, Any]) -> str:
+    """What a link's name adds when its fine-tune distilled from a teacher: " + KD (α, T[, teacher])"."""
+    d = settings.get("distill") or {}
+    if not d:
+        return ""
+    teacher = "" if d["teacher"] == "baseline" else f", teacher {d['teacher']}"
+    return f" + KD (α {d['alpha']:g}, T {d['temperature']:g}{teacher})"
 
 
 def replicated(p: dict[str, Any], one: Callable[[Context, bool], Result]) -> Result:

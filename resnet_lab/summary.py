@@ -176,6 +176,8 @@ class _Reader:
         replicate = self._replicate(origin)
         self.out.rows.append({
             "origin": origin.key, "replicate": replicate, "recipe key": self._recipe_key(run),
+            "twin key": self._recipe_key(run, twin=True), "seed": run.params.get("seed"),
+            "distill": (run.params.get("distill") or {}) if run.stage != "baseline" else {},
             "group": tech.family if links <= 1 else "combination", "technique": run.stage, "family": tech.family,
             "links": links, "parent": parent, "model": name, "recipe": _recipe(obp if run.stage == "baseline" else stored.get("settings") or {}), ACC: acc,
             VAL: stored.get("val_acc"), "parameters": m["params"], "nonzero parameters": m["nonzero_params"],
@@ -213,9 +215,17 @@ class _Reader:
             return None
         return origin.params.get("train_seed", origin.params["seed"])
 
-    def _recipe_key(self, run: runs.Run) -> str:
+    def _recipe_key(self, run: runs.Run, twin: bool = False) -> str:
         """What the model of `run` is apart from its seed: its technique and settings without the seed, after its
-        parent's recipe key (a baseline: its params without the training seed)."""
+        parent's recipe key (a baseline: its params without the training seed). `twin`: also without its own
+        `distill` setting (a model fine-tuned with and without distillation shares it)."""
+        if twin:
+            if run.stage == "baseline" or not run.params.get("distill"):
+                return self._recipe_key(run)
+            stage, _, parent_key = str(run.params.get("parent", "")).partition("/")
+            up = self._recipe_key(runs.Run(self.store, stage, parent_key)) if parent_key else ""
+            return json.dumps([up, run.stage, {k: v for k, v in run.params.items() if k not in (
+                "seed", "parent", "baseline", "device", "eval_batch_size", "distill")}], sort_keys=True, default=str)
         ref = f"{run.stage}/{run.key}"
         if ref not in self.keys:
             if run.stage == "baseline":
@@ -224,7 +234,8 @@ class _Reader:
                 stage, _, parent_key = str(run.params.get("parent", "")).partition("/")
                 up = self._recipe_key(runs.Run(self.store, stage, parent_key)) if parent_key else ""
                 key = [up, run.stage, {k: v for k, v in run.params.items()
-                                       if k not in ("seed", "parent", "baseline", "device", "eval_batch_size")}]
+                                       if k not in ("seed", "parent", "baseline", "device", "eval_batch_size")
+                                       and not (k in params.ADDED_OFF and v == params.ADDED_OFF[k])}]
             self.keys[ref] = json.dumps(key, sort_keys=True, default=str)
         return self.keys[ref]
 
@@ -279,6 +290,50 @@ def table(s: Summary) -> pd.DataFrame:
 def intervals(s: Summary) -> pd.DataFrame:
     """The 95% interval of each model's test accuracy (columns `low`, `high`, in %), for error bars."""
     return pd.DataFrame.from_dict(s.intervals, orient="index", columns=["low", "high"])
+
+
+KD_COLUMNS = ["distillation", "validation without (%)", "validation with (%)", "Δ validation (pt)",
+              "test without (%)", "test with (%)", "Δ test (pt)", "p, test (paired)", "chosen on validation"]
+
+
+def distillation(s: Summary) -> pd.DataFrame:
+    """Each model fine-tuned both without and with knowledge distillation (the same recipe, parent, baseline and
+    seed; only `distill` differs): validation and test accuracy side by side, the paired test on the test images
+    (McNemar's exact test, Benjamini–Hochberg over the table), and which of the two the validation split chooses
+    (a tie keeps the plain fine-tune). The test set is only reported, never used to choose. Index: the model
+    fine-tuned without distillation."""
+    plain = {(r["twin key"], r["origin"], r["seed"]): r for r in s.rows if not r["distill"]}
+    pairs = [(plain[(r["twin key"], r["origin"], r["seed"])], r) for r in s.rows
+             if r["distill"] and (r["twin key"], r["origin"], r["seed"]) in plain]
+    if not pairs:
+        return pd.DataFrame(columns=KD_COLUMNS)
+    tests = [stats.mcnemar(s.correct[kd["model"]], s.correct[off["model"]]) for off, kd in pairs]
+    judged = stats.verdicts(tests)
+    rows = []
+    for (off, kd), (p, _) in zip(pairs, judged):
+        d = kd["distill"]
+        val_off, val_kd = off[VAL], kd[VAL]
+        rows.append({"model": off["model"], KD_COLUMNS[0]: f"α {d['alpha']:g}, T {d['temperature']:g}, teacher {d['teacher']}",
+                     KD_COLUMNS[1]: val_off, KD_COLUMNS[2]: val_kd,
+                     KD_COLUMNS[3]: val_kd - val_off if val_off is not None and val_kd is not None else float("nan"),
+                     KD_COLUMNS[4]: off[ACC], KD_COLUMNS[5]: kd[ACC], KD_COLUMNS[6]: kd[ACC] - off[ACC], KD_COLUMNS[7]: p,
+                     KD_COLUMNS[8]: "with" if val_off is not None and val_kd is not None and val_kd > val_off else "without",
+                     "with distillation": kd["model"]})
+    return pd.DataFrame(rows).set_index("model")
+
+
+def distillation_text(kd: pd.DataFrame) -> str:
+    """Where distillation helped on validation, by how much, and whether the test set agrees, in sentences."""
+    if kd.empty:
+        return ("No model was fine-tuned both with and without distillation here (set `distill` on a variant "
+                "beside the same variant without it).")
+    lines = []
+    for name, r in kd.iterrows():
+        agree = "agrees" if (r["Δ test (pt)"] > 0) == (r["Δ validation (pt)"] > 0) else "does not agree"
+        lines.append(f"**{name}**: distillation {r['Δ validation (pt)']:+.2f} pt on validation "
+                     f"(→ {r['chosen on validation']}), {r['Δ test (pt)']:+.2f} pt on test, which {agree}"
+                     f" (paired p = {r['p, test (paired)']:.2g}, adjusted).")
+    return "  \n".join(lines)
 
 
 def runs_table(s: Summary) -> pd.DataFrame:

@@ -148,7 +148,7 @@ def test_qat_is_a_step_of_03_and_a_link_of_any_chain_with_distillation(store):
     start, made = result.models
     assert start.row["technique"] == "prune" and made.row["technique"] == "qat"
     assert made.row["lineage"] == ["prune", "qat"] and made.row["reload_exact"]
-    assert made.name.endswith("QAT W4A4 (LSQ, first/last 8-bit, simulated)")
+    assert made.name.endswith("QAT W4A4 (LSQ, first/last 8-bit, simulated) + KD (α 0.5, T 2)")
     assert made.row["settings"]["distill"] == {"alpha": 0.5, "temperature": 2.0, "teacher": "baseline"}
     assert made.row["weight_bits"] <= 4.2 and made.row["act_bits"] == 8 and made.row["simulated"]
     assert made.row["size_bytes"] < start.row["size_bytes"] / 4  # 4-bit levels against float32
@@ -181,3 +181,26 @@ def test_only_int8_may_follow_qat(store):
     with pytest.raises(params.ParamsError, match="only int8 may follow it, not fp16"):
         pruning.run(p)
     assert {str(r) for r in runs.RunStore(store).runs()} == before  # refused before any work
+
+
+def test_the_summary_pairs_each_model_fine_tuned_with_and_without_distillation(store):
+    from resnet_lab import summary
+
+    structured = {"method": "ln_structured", "scope": "layer", "amounts": [0.5], "epochs": 2}
+    p = _stage_params("pruning_smoke.yaml", "pruning", store, sensitivity_amounts=[], curve_amounts=[],
+                      variants=[structured, {**structured, "distill": {"alpha": 0.9, "temperature": 2.0}}])
+    result = pruning.run(p)
+    off, on = [m for m in result.models if m.row["technique"] == "prune"]
+    assert off.run.key != on.run.key and not off.run.params["distill"] and on.run.params["distill"]["alpha"] == 0.9
+    assert on.name == off.name + " + KD (α 0.9, T 2)"
+    sp = _stage_params("summary_smoke.yaml", "summary", store, onnx=False, profile_groups=[])
+    s = summary.run(sp)
+    kd = summary.distillation(s)
+    names = {r["run"]: r["model"] for r in s.rows}  # the summary's names (a suffix where two share a lineage)
+    row = kd.loc[names[str(off.run)]]
+    assert row["with distillation"] == names[str(on.run)] and row["distillation"] == "α 0.9, T 2, teacher baseline"
+    assert (row["validation without (%)"], row["validation with (%)"]) == (off.row["val_acc"], on.row["val_acc"])
+    assert row["test with (%)"] - row["test without (%)"] == pytest.approx(row["Δ test (pt)"])
+    assert row["chosen on validation"] == ("with" if on.row["val_acc"] > off.row["val_acc"] else "without")
+    assert 0 <= row["p, test (paired)"] <= 1 and len(kd) == len(kd.index.unique())
+    assert names[str(off.run)] in summary.distillation_text(kd)

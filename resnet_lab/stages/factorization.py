@@ -27,9 +27,11 @@ def _stage_defaults() -> dict[str, Any]:
 
 def link_settings(v: dict[str, Any], rank: float, p: dict[str, Any], mode: str = "posttraining") -> dict[str, Any]:
     """An `svd` link's settings from a factorization recipe `v` (a variant, or 05's top-level keys) at `rank`;
-    the fine-tuning recipe is the variant's epochs and lr (from scratch: `scratch_epochs`) and the stage's other keys."""
+    the fine-tuning recipe is the variant's epochs, lr (from scratch: `scratch_epochs`) and distill, and the stage's
+    other keys."""
     return {**{k: v[k] for k in params.SVD_KEYS}, "rank": rank, "mode": mode, **{k: p[k] for k in params.FINETUNE},
-            "epochs": v["epochs"] if mode == "posttraining" else p["scratch_epochs"], "lr": v["lr"]}
+            "epochs": v["epochs"] if mode == "posttraining" else p["scratch_epochs"], "lr": v["lr"],
+            "distill": v["distill"]}
 
 
 def _defaults() -> dict[str, Any]:

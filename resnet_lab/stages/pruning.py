@@ -33,9 +33,9 @@ def _stage_defaults() -> dict[str, Any]:
 
 def link_settings(v: dict[str, Any], amount: float, p: dict[str, Any]) -> dict[str, Any]:
     """A `prune` link's settings from a pruning recipe `v` (a variant, or 04's top-level keys) at `amount`; the
-    fine-tuning recipe is the variant's epochs and lr and the stage's other keys."""
+    fine-tuning recipe is the variant's epochs, lr and distill, and the stage's other keys."""
     return {**{k: v[k] for k in params.PRUNE_KEYS}, "amount": amount, "sensitivity_amounts": p["sensitivity_amounts"],
-            **{k: p[k] for k in params.FINETUNE}, "epochs": v["epochs"], "lr": v["lr"]}
+            **{k: p[k] for k in params.FINETUNE}, "epochs": v["epochs"], "lr": v["lr"], "distill": v["distill"]}
 
 
 def _defaults() -> dict[str, Any]:

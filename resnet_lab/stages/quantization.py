@@ -159,7 +159,7 @@ def run(p: dict[str, Any]) -> steps.Result:
             else:
                 keys = params.BC_KEYS if method == "binaryconnect" else params.QAT_KEYS
                 links = [ctx.link(method, {**{k: v[k] for k in keys}, **recipe(q),
-                                           **{k: v[k] for k in ("epochs", "lr") if k in v}}, seed)
+                                           **{k: v[k] for k in ("epochs", "lr", "distill") if k in v}}, seed)
                          for v in q[method] for seed in v.get("seeds") or [q["seed"]]]
             for link in links:
                 made = ctx.apply(start, link)
