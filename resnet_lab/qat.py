@@ -117,7 +117,9 @@ def _quantized_copy(m: nn.Module, weight_bits: int, act_bits: int, act_signed: b
     else:
         q = QLinear(m.in_features, m.out_features, bias=m.bias is not None)
     q._attach(weight_bits, act_bits, act_signed)
-    q.load_state_dict(m.state_dict(), strict=False)
+    loaded = q.load_state_dict(m.state_dict(), strict=False)  # the quantizers' steps are new
+    if loaded.unexpected_keys or any(not k.endswith(".step") for k in loaded.missing_keys):
+        raise ValueError(f"cannot quantize a {type(m).__name__} holding {sorted(m.state_dict())}")
     return q.to(m.weight.device)
 
 
