@@ -79,6 +79,12 @@ class Field:
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
+def _did_you_mean(name: Any, allowed) -> str:
+    """" (did you mean 'x'?)" for the allowed name closest to a misspelled one, or ""."""
+    close = difflib.get_close_matches(str(name), allowed, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def _f(kind, default, help, **kw) -> Field:
     return Field(kind, default, help, **kw)
 
@@ -152,8 +158,7 @@ def check_search_space(key: str, space: Any) -> dict[str, Any]:
     for name, spec in space.items():
         where = f"{key}.{name}"
         if name not in allowed:
-            close = difflib.get_close_matches(str(name), allowed, n=1)
-            raise ParamsError(f"unknown search-space key '{where}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+            raise ParamsError(f"unknown search-space key '{where}'" + _did_you_mean(name, allowed)
                               + f"; searchable keys: {', '.join(allowed)}")
         field = TRAINING[name]
         if name in SPACE_CHOICES:
@@ -234,8 +239,7 @@ def check_distill(key: str, value: Any) -> dict[str, Any]:
         raise ParamsError(f"'{key}' must be a mapping of {', '.join(DISTILL_KEYS)} (or {{}}: off), not {_bounded(repr(value))}")
     for k in value:
         if k not in DISTILL_KEYS:
-            close = difflib.get_close_matches(str(k), DISTILL_KEYS, n=1)
-            raise ParamsError(f"unknown key '{key}.{k}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+            raise ParamsError(f"unknown key '{key}.{k}'" + _did_you_mean(k, DISTILL_KEYS)
                               + f"; distillation takes {', '.join(DISTILL_KEYS)}")
     return {k: f.check(f"{key}.{k}", value.get(k, f.default)) for k, f in DISTILL_KEYS.items()}
 
@@ -386,8 +390,7 @@ def check_chain(key: str, value: Any) -> list[dict[str, dict[str, Any]]]:
         else:
             raise ParamsError(f"'{where}' must be a step kind or a mapping {{kind: {{settings}}}}, not {item!r}")
         if kind not in LINKS:
-            close = difflib.get_close_matches(str(kind), LINKS, n=1)
-            raise ParamsError(f"'{where}' names unknown step {kind!r}" + (f" (did you mean '{close[0]}'?)" if close else "")
+            raise ParamsError(f"'{where}' names unknown step {kind!r}" + _did_you_mean(kind, LINKS)
                               + f"; known: {', '.join(LINKS)}")
         fields = LINKS[kind]
         if not isinstance(given, dict):
@@ -395,8 +398,7 @@ def check_chain(key: str, value: Any) -> list[dict[str, dict[str, Any]]]:
                               f"not {given!r}")
         unknown = [k for k in given if k not in fields]
         if unknown:
-            close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
-            raise ParamsError(f"unknown key '{where}.{kind}.{unknown[0]}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+            raise ParamsError(f"unknown key '{where}.{kind}.{unknown[0]}'" + _did_you_mean(unknown[0], fields)
                               + f"; a {kind} step may set {', '.join(fields) or 'nothing'}")
         missing = [k for k, f in fields.items() if f.required and k not in given]
         if missing:
@@ -423,8 +425,7 @@ def _variants(key: str, value: Any, fields: dict[str, Field]) -> list[dict[str, 
             raise ParamsError(f"'{where}' must be a mapping of {', '.join(fields)}, not {variant!r}")
         unknown = [k for k in variant if k not in fields]
         if unknown:
-            close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
-            raise ParamsError(f"unknown key '{where}.{unknown[0]}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+            raise ParamsError(f"unknown key '{where}.{unknown[0]}'" + _did_you_mean(unknown[0], fields)
                               + f"; a variant may set {', '.join(fields)}")
         out.append({k: fields[k].check(f"{where}.{k}", v) for k, v in variant.items()})
     return out
@@ -435,8 +436,7 @@ def check_methods(key: str, value: Any) -> list[str]:
         raise ParamsError(f"'{key}' must be a non-empty list drawn from {', '.join(QUANT_METHODS)}, not {_bounded(repr(value))}")
     for v in value:
         if v not in QUANT_METHODS:
-            close = difflib.get_close_matches(str(v), QUANT_METHODS, n=1)
-            raise ParamsError(f"'{key}' names unknown method {v!r}" + (f" (did you mean '{close[0]}'?)" if close else "")
+            raise ParamsError(f"'{key}' names unknown method {v!r}" + _did_you_mean(v, QUANT_METHODS)
                               + f"; known: {', '.join(QUANT_METHODS)}")
     if len(set(value)) != len(value):
         raise ParamsError(f"'{key}' lists a method twice: {_bounded(repr(value))}")
@@ -672,8 +672,7 @@ def validate(values: Mapping[str, Any], stage: str) -> dict[str, Any]:
     if unknown:
         lines = []
         for k in unknown:
-            close = difflib.get_close_matches(str(k), schema, n=1)
-            lines.append(f"unknown parameter '{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            lines.append(f"unknown parameter '{k}'" + _did_you_mean(k, schema))
         raise ParamsError("; ".join(lines) + f". Allowed keys for stage '{stage}': {', '.join(sorted(schema))}")
     # defaults pass the same checks, so list/dict values are always in their normalized form
     out = {key: field.check(key, values[key] if key in values else copy.deepcopy(field.default))

@@ -158,6 +158,11 @@ def test_qat_is_a_step_of_03_and_a_link_of_any_chain_with_distillation(store):
                                                  "distill": {"alpha": 0.5, "temperature": 2.0}}}])
     again = result.ctx.chain(start, result.ctx.links(chain)[0])
     assert again[0].run.key == made.run.key
+    # a teacher named by the params file of a finished baseline run: here the same baseline, so the same logits
+    named, own = result.ctx.teacher("params/smoke.yaml"), result.ctx.teacher("baseline")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(named.eval()(x), own.eval()(x)) and own is not result.ctx.root.model
 
 
 def test_a_w8a8_qat_model_ends_on_int8_kernels_that_agree_with_its_fake_quantized_self(store):

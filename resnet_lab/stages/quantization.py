@@ -204,6 +204,34 @@ def bc_table(result: steps.Result) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("variant")
 
 
+def qat_histories(result: steps.Result) -> dict[str, list[dict]]:
+    """The fine-tuning history of each QAT model, by its name."""
+    return {name: m.history for name, m in zip(result.names(), result.models) if m.row["technique"] == "qat"}
+
+
+def qat_table(result: steps.Result) -> pd.DataFrame:
+    """QAT details: measured bits, accuracy before/after the fine-tune, the bit-packed file against the parent's,
+    the exact reload, and, for a W8A8 model, its INT8-kernel child (accuracy, agreement with the QAT model)."""
+    import pandas as pd
+
+    names = dict(zip((m.ref for m in result.models), result.names()))
+    parents = {m.ref: m.row for m in result.models}
+    children = {m.row["parent"]: m.row for m in result.models if m.row["technique"] == "int8" and m.row.get("parent")}
+    rows = []
+    for m in result.models:
+        if m.row["technique"] != "qat":
+            continue
+        r, child = m.row, children.get(m.ref, {})
+        rows.append({"variant": names[m.ref], "bits (weights / activations), measured": f"{r['weight_bits']:.2f} / {r['act_bits']:.0f}",
+                     "test accuracy before training (%)": r["test_acc_before_finetune"], "after (%)": r["test_acc"],
+                     "validation accuracy (%)": r["val_acc"], "packed file (KB)": r["size_bytes"] / 1e3,
+                     "parent's file / packed file": parents[r["parent"]]["size_bytes"] / r["size_bytes"],
+                     "rebuilt model gives identical logits": r["reload_exact"],
+                     "on int8 kernels: test accuracy (%)": child.get("test_acc"),
+                     "on int8 kernels: agreement with the QAT model (%)": child.get("agreement_with_parent")})
+    return pd.DataFrame(rows).set_index("variant") if rows else pd.DataFrame()
+
+
 def describe(table: pd.DataFrame, result: steps.Result) -> str:
     """What half precision and INT8 cost on this CPU (and under CUDA autocast), in words, from the measured table."""
     if steps.SPEEDUP not in table:
