@@ -69,9 +69,13 @@ class LSQ(nn.Module):
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         """LSQ's start: 2·mean|x|/√q_max (per channel for a weight), from a calibration tensor."""
+        self.start(x.abs().flatten(1).mean(1) if self.channels > 1 else x.abs().mean().view(1))
+
+    @torch.no_grad()
+    def start(self, mean_abs: torch.Tensor) -> None:
+        """LSQ's start from mean|x| (one per step): 2·mean|x|/√q_max."""
         q_max = levels(self.bits, self.signed)[1]
-        mean = x.abs().flatten(1).mean(1) if self.channels > 1 else x.abs().mean().view(1)
-        self.step.copy_((2 * mean / math.sqrt(q_max)).clamp_min(1e-8))
+        self.step.copy_((2 * mean_abs / math.sqrt(q_max)).clamp_min(1e-8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q_max = levels(self.bits, self.signed)[1]
@@ -138,19 +142,22 @@ def quantize(model: nn.Module, bits: dict[str, list[int]], calibration: torch.Te
     import copy
 
     model = copy.deepcopy(model).eval()
-    inputs: dict[str, torch.Tensor] = {}
+    seen: dict[str, tuple[torch.Tensor, bool]] = {}  # layer -> (mean |input|, whether its input goes negative)
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        seen[name] = (x.detach().abs().mean().view(1).float(), bool((x < 0).any()))
+
     layers = {n: model.get_submodule(n) for n in bits}
-    hooks = [m.register_forward_pre_hook(lambda m, args, n=n: inputs.__setitem__(n, args[0].detach()))
-             for n, m in layers.items()]
+    hooks = [m.register_forward_pre_hook(lambda m, args, n=n: observe(n, args[0])) for n, m in layers.items()]
     with torch.no_grad():
         model(calibration)
     for h in hooks:
         h.remove()
     for name, (wb, ab) in bits.items():
-        x = inputs[name]
-        q = _quantized_copy(layers[name], wb, ab, act_signed=bool((x < 0).any()))
+        mean_abs, negative = seen[name]
+        q = _quantized_copy(layers[name], wb, ab, act_signed=negative)
         q.w_quant.initialize(q.weight.detach())
-        q.a_quant.initialize(x)
+        q.a_quant.start(mean_abs)
         model.set_submodule(name, q)
     return model
 
