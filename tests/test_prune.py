@@ -286,7 +286,8 @@ def test_stage_prunes_every_variant_then_reuses_them(tmp_path, monkeypatch):
     bc_name = "L1 unstructured, global, 50% → BinaryConnect (deterministic, inner layers)"
     assert list(rows) == ["baseline (FP32)", "L1 unstructured, global, 50%", "L1 unstructured, global, 50%, 2 steps",
                           "L1 unstructured, sensitivity, 50%", "L1 unstructured, global, 50% → FP16", bc_name,
-                          "L1 structured, layer, 50% of channels"]
+                          "L1 structured, layer, 50% of channels",
+                          "L1 structured, layer, 50% of channels + KD (α 0.5, T 4)"]
     models_ = result.inference_models()
     base = rows["baseline (FP32)"]
     chosen = [n for n, _ in prune.prunable(models_["baseline (FP32)"])]

@@ -218,8 +218,11 @@ def test_stage_runs_every_method_then_reuses_them(trained, monkeypatch, tmp_path
     result, qp = trained
     out = quantization.run(qp)
     rows = out.rows()
-    assert [r["technique"] for r in rows] == ["baseline", "fp16", "bf16", "int8", "binaryconnect", "binaryconnect"]
-    assert all(r["parent"] == out.models[0].ref for r in rows[1:])  # every method starts from the start model
+    assert [r["technique"] for r in rows] == ["baseline", "fp16", "bf16", "int8", "binaryconnect", "binaryconnect",
+                                              "qat", "int8", "qat"]
+    # every method starts from the start model; the W8A8 QAT model then goes onto int8 kernels
+    assert all(r["parent"] == out.models[0].ref for i, r in enumerate(rows[1:], 1) if i != 7)
+    assert rows[7]["parent"] == out.models[6].ref and rows[7]["lineage"] == ["qat", "int8"]
     for r in rows:
         assert 0 <= r["test_acc"] <= 100 and r["size_bytes"] > 0 and r["score"] > 0
     assert all(r["reload_exact"] for r in rows[1:])  # each file gives the logits of the model that was made
