@@ -329,10 +329,11 @@ def distillation_text(kd: pd.DataFrame) -> str:
                 "beside the same variant without it).")
     lines = []
     for name, r in kd.iterrows():
-        agree = "agrees" if (r["Δ test (pt)"] > 0) == (r["Δ validation (pt)"] > 0) else "does not agree"
+        val, test = np.sign(r["Δ validation (pt)"]), np.sign(r["Δ test (pt)"])
+        agree = "unchanged" if test == 0 else "the same direction" if test == val else "the other direction"
         lines.append(f"**{name}**: distillation {r['Δ validation (pt)']:+.2f} pt on validation "
-                     f"(→ {r['chosen on validation']}), {r['Δ test (pt)']:+.2f} pt on test, which {agree}"
-                     f" (paired p = {r['p, test (paired)']:.2g}, adjusted).")
+                     f"(→ {r['chosen on validation']}), {r['Δ test (pt)']:+.2f} pt on test ({agree}; paired "
+                     f"p = {r['p, test (paired)']:.2g}, adjusted).")
     return "  \n".join(lines)
 
 
