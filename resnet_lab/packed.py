@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import models, runs
+from . import models, qat, runs
 
 FORMAT = "resnet-lab/packed/1"
 _LEGACY_BINARY = "resnet-lab/binary-weights/1"  # 03's first packed BinaryConnect files (signs and floats only)
@@ -77,7 +77,8 @@ def pack(state: Mapping[str, torch.Tensor], arch: dict) -> dict[str, Any]:
         if not t.is_floating_point():  # BatchNorm's num_batches_tracked
             entry |= {"kind": "int", "value": t.flatten().tolist()}
         elif codes is not None:  # a QAT weight: b bits per entry, its step per channel stored beside it
-            bits, q_min = quantized[layer][0], -(2 ** (quantized[layer][0] - 1))
+            bits = quantized[layer][0]
+            q_min = qat.levels(bits, signed=True)[0]
             entry |= {"kind": "levels", "dtype": str(t.dtype).removeprefix("torch."), "bits": bits, "q_min": q_min,
                       "codes": out.add_bits(_to_bits(codes - q_min, bits)), "step": f"{layer}.w_quant.step"}
         elif (alpha := sign_magnitudes(t)) is not None:
@@ -109,7 +110,8 @@ def _codes(w: torch.Tensor, step: torch.Tensor | None, bits: int) -> torch.Tenso
         return None
     s = step.detach().view(-1, *([1] * (w.dim() - 1)))
     codes = torch.round(w.detach() / s)
-    if codes.abs().max() > 2 ** (bits - 1) or not torch.equal(codes * s, w.detach()):
+    q_min, q_max = qat.levels(bits, signed=True)
+    if codes.min() < q_min or codes.max() > q_max or not torch.equal(codes * s, w.detach()):
         return None
     return codes.to(torch.int64)
 

@@ -219,22 +219,15 @@ class _Reader:
         """What the model of `run` is apart from its seed: its technique and settings without the seed, after its
         parent's recipe key (a baseline: its params without the training seed). `twin`: also without its own
         `distill` setting (a model fine-tuned with and without distillation shares it)."""
-        if twin:
-            if run.stage == "baseline" or not run.params.get("distill"):
-                return self._recipe_key(run)
-            stage, _, parent_key = str(run.params.get("parent", "")).partition("/")
-            up = self._recipe_key(runs.Run(self.store, stage, parent_key)) if parent_key else ""
-            return json.dumps([up, run.stage, {k: v for k, v in run.params.items() if k not in (
-                "seed", "parent", "baseline", "device", "eval_batch_size", "distill")}], sort_keys=True, default=str)
-        ref = f"{run.stage}/{run.key}"
+        ref = f"{run.stage}/{run.key}" + (" twin" if twin else "")
         if ref not in self.keys:
             if run.stage == "baseline":
                 key = ["baseline", _without_seed(run.params)]
             else:
                 stage, _, parent_key = str(run.params.get("parent", "")).partition("/")
                 up = self._recipe_key(runs.Run(self.store, stage, parent_key)) if parent_key else ""
-                key = [up, run.stage, {k: v for k, v in run.params.items()
-                                       if k not in ("seed", "parent", "baseline", "device", "eval_batch_size")
+                left_out = NOT_RECIPE + (("distill",) if twin else ())
+                key = [up, run.stage, {k: v for k, v in run.params.items() if k not in left_out
                                        and not (k in params.ADDED_OFF and v == params.ADDED_OFF[k])}]
             self.keys[ref] = json.dumps(key, sort_keys=True, default=str)
         return self.keys[ref]
@@ -254,6 +247,10 @@ class _Reader:
         if name in self.out.models:  # the same lineage with another recipe or seed
             name += f" [{run.key}]"
         return name
+
+
+# a step run's params that say where and with which seed it ran, not what recipe it is
+NOT_RECIPE = ("seed", "parent", "baseline", "device", "eval_batch_size")
 
 
 def _without_seed(baseline_params: dict) -> dict:

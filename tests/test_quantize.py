@@ -228,7 +228,7 @@ def test_stage_runs_every_method_then_reuses_them(trained, monkeypatch, tmp_path
     assert all(r["reload_exact"] for r in rows[1:])  # each file gives the logits of the model that was made
     bc = [r for r in rows if r["technique"] == "binaryconnect"]
     assert all(r["size_bytes"] * 8 < rows[0]["size_bytes"] for r in bc)
-    assert set(quantization.bc_histories(out)) == {r["label"] for r in bc}
+    assert set(quantization.histories(out, "binaryconnect")) == {r["label"] for r in bc}
     speed = metrics.compare_speed(out.inference_models(), 8, rounds=1, repeats=1)
     table = steps.table(out, speed)
     assert table.loc[rows[0]["label"], steps.SPEEDUP] == 1.0

@@ -52,10 +52,14 @@ for _kind, _dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
 
 
 # ---------------------------------------------------------------- INT8
+def _calibration(step: steps.Step) -> data_mod.Split:
+    """The first `calibration_images` training images (not augmented) of a step's settings."""
+    n, train_split = step.settings["calibration_images"], step.ctx.dataset.train
+    return data_mod.Split(train_split.images[:n], train_split.labels[:n])
+
+
 def _make_int8(step: steps.Step) -> steps.Made:
-    s, train_split = step.settings, step.ctx.dataset.train
-    n = s["calibration_images"]
-    calibration = data_mod.Split(train_split.images[:n], train_split.labels[:n])
+    s, calibration = step.settings, _calibration(step)
     parent = step.parent.model
     if qat.quantized_layers(parent):  # a W8A8 QAT model onto int8 kernels: its weights, ranges observed again
         parent = qat.float_model(parent)
@@ -112,10 +116,8 @@ def qat_name(s: dict[str, Any]) -> str:
 
 
 def _make_qat(step: steps.Step) -> steps.Made:
-    s, parent = step.settings, step.parent.model
-    train_split = step.ctx.dataset.train
-    n = min(s["calibration_images"], len(train_split))
-    images, _ = next(iter(data_mod.Batches(data_mod.Split(train_split.images[:n], train_split.labels[:n]), n, "cpu")))
+    s, parent, calibration = step.settings, step.parent.model, _calibration(step)
+    images, _ = next(iter(data_mod.Batches(calibration, len(calibration), "cpu")))  # one batch, normalized
     model = qat.quantize(parent, qat.layer_bits(parent, s["weight_bits"], s["act_bits"], s["first_last_bits"]), images)
     before = step.accuracy(model)
     after_step = None
@@ -129,7 +131,7 @@ def _make_qat(step: steps.Step) -> steps.Made:
     history = step.finetune(model, after_step=after_step)
     qat.freeze(model.cpu())
     arch = {**step.parent.row["arch"], "qat": qat.arch_record(model)}
-    return steps.Made(model, arch, before, history, {"simulated": True, "calibration_images": n})
+    return steps.Made(model, arch, before, history, {"simulated": True, "calibration_images": len(calibration)})
 
 
 def _qat_defaults() -> dict[str, Any]:
@@ -184,9 +186,9 @@ COLUMNS = [steps.BITS, steps.ACC, steps.ACC_CI, steps.VAL, steps.DELTA_PARENT, s
            steps.SIZE_RATIO, steps.THROUGHPUT, steps.SPEEDUP, steps.COURSE, steps.MICRONET]
 
 
-def bc_histories(result: steps.Result) -> dict[str, list[dict]]:
-    """The training history of each BinaryConnect model, by its name."""
-    return {name: m.history for name, m in zip(result.names(), result.models) if m.row["technique"] == "binaryconnect"}
+def histories(result: steps.Result, technique: str) -> dict[str, list[dict]]:
+    """The training history of each model of `technique` (binaryconnect, qat), by its name."""
+    return {name: m.history for name, m in zip(result.names(), result.models) if m.row["technique"] == technique}
 
 
 def bc_table(result: steps.Result) -> pd.DataFrame:
@@ -202,11 +204,6 @@ def bc_table(result: steps.Result) -> pd.DataFrame:
              "rebuilt model gives identical logits": m.row["reload_exact"]}
             for name, m in zip(result.names(), result.models) if m.row["technique"] == "binaryconnect"]
     return pd.DataFrame(rows).set_index("variant")
-
-
-def qat_histories(result: steps.Result) -> dict[str, list[dict]]:
-    """The fine-tuning history of each QAT model, by its name."""
-    return {name: m.history for name, m in zip(result.names(), result.models) if m.row["technique"] == "qat"}
 
 
 def qat_table(result: steps.Result) -> pd.DataFrame:
