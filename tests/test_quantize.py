@@ -236,6 +236,10 @@ def test_stage_runs_every_method_then_reuses_them(trained, monkeypatch, tmp_path
     text = quantization.describe(table, out)
     assert "**FP16** on this CPU" in text and "**INT8 (x86" in text
     assert ("under CUDA autocast" in text) == torch.cuda.is_available()  # FP32 weights under autocast: CUDA only
+    # the chained QAT W8A8 -> INT8 is put in words against the baseline, like every other row (not against its parent)
+    chained = table.iloc[7]
+    assert f"{table.index[7]} {chained[steps.DELTA]:+.2f} pt" in quantization.headline(table)
+    assert f"accuracy {chained[steps.DELTA]:+.2f} pt vs the baseline" in text
 
     # `make bench` finds every run of this baseline in the store and times it beside the baseline
     bp = params.validate({"baseline": "params/smoke.yaml", "run_root": qp["run_root"], "rounds": 1,

@@ -240,7 +240,7 @@ def describe(table: pd.DataFrame, result: steps.Result) -> str:
         for name, r in table[table["technique"] == technique].iterrows():
             native = "has" if flag in flags or "amx_" + technique in flags else "lacks"
             lines.append(f"**{name}** on this CPU ({native} `{flag}`): {r[steps.SPEEDUP]:.2f}× the start model's "
-                         f"throughput, accuracy {r[steps.DELTA_PARENT]:+.2f} pt, file {r[steps.SIZE_RATIO]:.2f}× the "
+                         f"throughput, accuracy {r[steps.DELTA]:+.2f} pt vs the baseline, file {r[steps.SIZE_RATIO]:.2f}× the "
                          f"baseline's size.")
     lines.append("BinaryConnect's rebuilt model runs float32 convolutions with ±1 (or ±α) weights: without "
                  "binary kernels its gain is the file size, not speed.")
@@ -251,17 +251,18 @@ def describe(table: pd.DataFrame, result: steps.Result) -> str:
 
 
 def headline(table: pd.DataFrame) -> str:
+    """One line of results; every Δ is against the baseline (a chained model's parent is another model)."""
     parts = []
     for technique in ("int8", "fp16", "bf16"):
         for name, r in table[table["technique"] == technique].iterrows():
             speed = f", {r[steps.SPEEDUP]:.1f}× CPU throughput" if steps.SPEEDUP in r else ""
-            parts.append(f"{name} {r[steps.DELTA_PARENT]:+.2f} pt{speed}")
+            parts.append(f"{name} {r[steps.DELTA]:+.2f} pt{speed}")
     for name, r in table[table["technique"] == "qat"].iterrows():
-        parts.append(f"{name} {r[steps.ACC]:.1f}% ({r[steps.DELTA_PARENT]:+.1f} pt), bits {r[steps.BITS]}")
+        parts.append(f"{name} {r[steps.ACC]:.1f}% ({r[steps.DELTA]:+.1f} pt), bits {r[steps.BITS]}")
     bc = table[table["technique"] == "binaryconnect"]
     if len(bc):
         best = bc[steps.VAL].idxmax()  # chosen on validation
         r = bc.loc[best]
-        parts.append(f"{best} {r[steps.ACC]:.1f}% ({r[steps.DELTA_PARENT]:+.1f} pt) in 1/{1 / r[steps.SIZE_RATIO]:.0f} "
+        parts.append(f"{best} {r[steps.ACC]:.1f}% ({r[steps.DELTA]:+.1f} pt) in 1/{1 / r[steps.SIZE_RATIO]:.0f} "
                      f"of the baseline's file")
     return " · ".join(parts)
