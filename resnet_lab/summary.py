@@ -327,7 +327,8 @@ def distillation_text(kd: pd.DataFrame) -> str:
     lines = []
     for name, r in kd.iterrows():
         val, test = np.sign(r["Δ validation (pt)"]), np.sign(r["Δ test (pt)"])
-        agree = "unchanged" if test == 0 else "the same direction" if test == val else "the other direction"
+        agree = ("unchanged" if test == 0 else "validation did not move" if val == 0
+                 else "the same direction" if test == val else "the other direction")
         lines.append(f"**{name}**: distillation {r['Δ validation (pt)']:+.2f} pt on validation "
                      f"(→ {r['chosen on validation']}), {r['Δ test (pt)']:+.2f} pt on test ({agree}; paired "
                      f"p = {r['p, test (paired)']:.2g}, adjusted).")

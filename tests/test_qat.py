@@ -209,3 +209,17 @@ def test_the_summary_pairs_each_model_fine_tuned_with_and_without_distillation(s
     assert row["chosen on validation"] == ("with" if on.row["val_acc"] > off.row["val_acc"] else "without")
     assert 0 <= row["p, test (paired)"] <= 1 and len(kd) == len(kd.index.unique())
     assert names[str(off.run)] in summary.distillation_text(kd)
+
+
+def test_the_distillation_sentences_compare_the_test_move_with_the_validation_move():
+    import pandas as pd
+
+    from resnet_lab import summary
+
+    cols = ["Δ validation (pt)", "Δ test (pt)", "chosen on validation", "p, test (paired)"]
+    kd = pd.DataFrame([[1.5, 0.4, "with", 1.0], [1.5, -0.4, "with", 1.0], [-0.7, 0.0, "without", 1.0],
+                       [0.0, 0.1, "without", 1.0]], columns=cols, index=["a", "b", "c", "d"])
+    text = summary.distillation_text(kd).split("\n")
+    assert [line.split("(")[-1].rstrip() for line in text] == [
+        "the same direction; paired p = 1, adjusted).", "the other direction; paired p = 1, adjusted).",
+        "unchanged; paired p = 1, adjusted).", "validation did not move; paired p = 1, adjusted)."]
