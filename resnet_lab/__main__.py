@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             if a.storage is not None:
                 p = params.validate({**p, "storage": a.storage}, "optuna")
             study = tune.run(p)
+            choice = tune.choose(study, p)
             print(f"study {study.study_name}: {len(study.get_trials(states=tune.FINISHED))} finished trials, "
-                  f"best validation accuracy {study.best_value:.2f}%; best params: {tune.write_best(study, p)}")
+                  f"best validation accuracy {study.best_value:.2f}%; chosen: trial {choice.trial.number}, because "
+                  f"{choice.reason}; its params: {tune.write_best(study, p, choice)}")
         elif a.cmd == "report":
             from . import report
 

@@ -204,6 +204,9 @@ TUNING: dict[str, Field] = {
     "pruner_warmup_epochs": _f(int, 2, "epochs before a trial can be pruned", low=0),
     "heartbeat_s": _f(int, 30, "RDB storage heartbeat; a trial silent for 2x this is marked failed (0: off)", low=0),
     "enqueue_base": _f(bool, True, "run the base recipe (these params) as the first trial, a known-good starting point"),
+    "keep_base": _f(bool, True, "retrain the base recipe, not the best trial, unless the best trial is told apart from "
+                    "the base recipe's trial on the validation images (McNemar, p < 0.05): the top of a few noisy trials is "
+                    "often the luckiest; false: always the best trial"),
     "search_space": Field(dict, {}, "keys to search: a list of choices or a [low, high] range each", validator=check_search_space),
 }
 

@@ -21,17 +21,21 @@ from typing import Any
 # Optuna imports tqdm.auto, which warns inside Jupyter when ipywidgets is absent; its bar is not used.
 warnings.filterwarnings("ignore", message="IProgress not found")
 
+import numpy as np  # noqa: E402
 import optuna  # noqa: E402
-import pandas as pd
-import torch
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
-from . import data as data_mod
-from . import models, params as params_mod, runs, train
+from . import data as data_mod  # noqa: E402
+from . import models, params as params_mod, runs, stats, train  # noqa: E402
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 # Keys that do not change which trials the study runs: they are left out of its default name.
 NOT_IN_STUDY = params_mod.NOT_IN_IDENTITY | {"n_trials", "storage", "study_name", "width", "epochs",
-                                             "measure_batch_size", "heartbeat_s"}
+                                             "measure_batch_size", "heartbeat_s", "test_each_epoch", "keep_base"}
+# Trial user attributes: each finished trial's per-image validation correctness (hex of the packed bits) and the
+# number of images, so that two trials can be compared image by image (McNemar) after the study.
+VAL_CORRECT, VAL_IMAGES = "val_correct", "val_images"
 
 
 def study_name(p: dict) -> str:
@@ -235,11 +239,14 @@ def objective(p: dict, dataset: data_mod.Dataset):
                 raise optuna.TrialPruned(f"pruned at epoch {record['epoch']} (val {record['val_acc']:.1f}%)")
 
         torch.manual_seed(tp["seed"])
+        model = models.resnet18(tp["width"])
         try:
-            history = train.fit(models.resnet18(tp["width"]), dataset, tp, on_epoch=report)
+            history = train.fit(model, dataset, tp, on_epoch=report)
         except train.TrainingDiverged as e:  # recorded as pruned, and the study goes on
             trial.set_user_attr("diverged", str(e))
             raise optuna.TrialPruned(str(e)) from None
+        logits = train.predict_split(model, dataset.val, tp["eval_batch_size"], device=train.pick_device(tp["device"]))
+        store_val_correct(trial, stats.correct(logits.argmax(1).numpy(), dataset.val.labels.numpy()))
         return history[-1]["val_acc"]
 
     return run_trial
@@ -280,23 +287,92 @@ def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 
 
 # ---------------------------------------------------------------- results
-def best_params(study: optuna.Study, p: dict) -> dict[str, Any]:
-    """A complete baseline params set: the base recipe at full scale with the best trial's values."""
-    best = study.best_trial
-    values = {k.split("_")[0] if k.startswith("lr_") else k: v for k, v in best.params.items()}
+def store_val_correct(trial: optuna.Trial, right: np.ndarray) -> None:
+    """Keep the trial's per-image validation correctness in the study (`val_correct` reads it back)."""
+    trial.set_user_attr(VAL_CORRECT, np.packbits(np.asarray(right, bool)).tobytes().hex())
+    trial.set_user_attr(VAL_IMAGES, int(len(right)))
+
+
+def val_correct(trial: optuna.trial.FrozenTrial) -> np.ndarray | None:
+    """The trial's per-image validation correctness, or None for a trial that did not finish its epochs (or ran
+    before the study stored it)."""
+    if VAL_CORRECT not in trial.user_attrs or VAL_IMAGES not in trial.user_attrs:
+        return None
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(trial.user_attrs[VAL_CORRECT]), dtype=np.uint8))
+    return bits[: int(trial.user_attrs[VAL_IMAGES])].astype(bool)
+
+
+def base_trial(study: optuna.Study, p: dict) -> optuna.trial.FrozenTrial | None:
+    """The completed trial that ran the base recipe (what `enqueue_base` enqueues), if the study has one."""
+    values = _base_values(p)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.params == values:
+            return t
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """Which trial's hyperparameters the final recipe takes, and why."""
+
+    trial: optuna.trial.FrozenTrial  # the chosen one
+    best: optuna.trial.FrozenTrial  # the study's best trial
+    base: optuna.trial.FrozenTrial | None  # the base recipe's trial, if the study ran it to the end
+    pair: stats.Paired | None  # best against base on the validation images (McNemar), when both were stored
+    reason: str
+
+    @property
+    def kept_base(self) -> bool:
+        return self.base is not None and self.trial.number == self.base.number
+
+
+def choose(study: optuna.Study, p: dict) -> Choice:
+    """The best trial, or, with `keep_base`, the base recipe unless the best trial is told apart from it on the
+    validation images (McNemar's exact test, p < stats.ALPHA): the top of a few trials scored on a few hundred
+    images is often the luckiest rather than the best (the winner's curse), and a switch should rest on evidence."""
+    best, base = study.best_trial, base_trial(study, p)
+    if base is None:
+        return Choice(best, best, None, None, "the study has no completed trial of the base recipe "
+                      "(enqueue_base off, a base value outside the search space, or that trial pruned): the best trial")
+    if best.number == base.number:
+        return Choice(base, best, base, None, "the base recipe is the best trial")
+    right_best, right_base = val_correct(best), val_correct(base)
+    pair = None if right_best is None or right_base is None or len(right_best) != len(right_base) \
+        else stats.mcnemar(right_best, right_base)
+    if not p["keep_base"]:
+        return Choice(best, best, base, pair, "keep_base is off: the best trial")
+    if pair is None:
+        return Choice(best, best, base, None, "the two trials have no stored validation predictions to pair "
+                      "(a study begun by an older version): the best trial")
+    told_apart = stats.verdict(pair) == stats.BETTER
+    words = (f"the best trial {best.number} ({pair.acc_a:.2f}%) against the base recipe's trial {base.number} "
+             f"({pair.acc_b:.2f}%) on the same {len(right_best)} validation images: {pair.a_only} images right "
+             f"only with the best, {pair.b_only} only with the base, McNemar p = {pair.p:.2g}")
+    if told_apart:
+        return Choice(best, best, base, pair, words + ": told apart, the best trial")
+    return Choice(base, best, base, pair, words + ": not told apart, so the base recipe stands")
+
+
+def best_params(study: optuna.Study, p: dict, choice: Choice | None = None) -> dict[str, Any]:
+    """A complete baseline params set: the base recipe at full scale with the chosen trial's values
+    (`choose`: the best trial, or the base recipe itself when the best is not told apart from it)."""
+    chosen = (choice or choose(study, p)).trial
+    values = {k.split("_")[0] if k.startswith("lr_") else k: v for k, v in chosen.params.items()}
     values.pop("epochs", None)  # trial epochs belong to the proxy; the final recipe keeps its own
     out = recipe(p)
     out.update(values)
     return params_mod.validate(out, "baseline")
 
 
-def write_best(study: optuna.Study, p: dict) -> Path:
+def write_best(study: optuna.Study, p: dict, choice: Choice | None = None) -> Path:
     """Write best.yaml next to the study; `papermill notebooks/01_baseline.ipynb … -f <it>` trains it."""
-    best = best_params(study, p)
-    t = study.best_trial
-    header = (f"# Best trial {t.number} of study '{study.study_name}': validation accuracy {t.value:.2f}% at "
-              f"width {p['trial_width']}.\n# A complete 01_baseline params file (hyperparameters from the study, "
-              f"width and epochs from the final recipe).\n")
+    choice = choice or choose(study, p)
+    best = best_params(study, p, choice)
+    t = choice.trial
+    header = (f"# Trial {t.number} of study '{study.study_name}' ({'the base recipe' if choice.kept_base else 'the best trial'}): "
+              f"validation accuracy {t.value:.2f}% at width {p['trial_width']}.\n# Chosen because {choice.reason}.\n"
+              f"# A complete 01_baseline params file (hyperparameters from the study, width and epochs from the final "
+              f"recipe).\n")
     path = study_dir(p) / "best.yaml"
     runs.write_text(path, header + params_mod.dump_yaml(best, sort_keys=False))
     return path

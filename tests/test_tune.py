@@ -5,6 +5,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -44,10 +45,14 @@ def test_tiny_study_never_sees_the_test_set_and_writes_a_baseline_params_file(tm
     assert len(finished(study)) == 4 and seen_test_sizes == [0] * len(study.trials)
     first = study.trials[0].params  # the base recipe, enqueued as trial 0
     assert first["optimizer"] == "sgd" and first["lr_sgd"] == 0.05 and first["batch_size"] == 32
-    best = params.load(tune.write_best(study, p), "baseline")  # 01_baseline accepts it unchanged
+    for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):  # each kept its validation predictions
+        right = tune.val_correct(t)
+        assert len(right) == 64 and 100 * right.mean() == pytest.approx(t.value)
+    choice = tune.choose(study, p)
+    best = params.load(tune.write_best(study, p, choice), "baseline")  # 01_baseline accepts it unchanged
     assert best["width"] == 8 and best["epochs"] == 2  # the final recipe's scale, not the proxy's
     lr_key = f"lr_{best['optimizer']}"
-    assert best["lr"] == study.best_trial.params[lr_key] and best["batch_size"] == study.best_trial.params["batch_size"]
+    assert best["lr"] == choice.trial.params[lr_key] and best["batch_size"] == choice.trial.params["batch_size"]
     table = tune.trials_table(study)
     assert list(table["state"]) == ["COMPLETE"] * 4 or "PRUNED" in set(table["state"])
     assert {"val_acc (%)", "duration (s)", "optimizer"} <= set(table.columns)
@@ -56,6 +61,69 @@ def test_tiny_study_never_sees_the_test_set_and_writes_a_baseline_params_file(tm
     # rerunning with the same parameters resumes the same study and runs nothing more
     again = tune.run(p)
     assert again.study_name == study.study_name and len(again.trials) == len(study.trials)
+
+
+def scripted_study(p, results, enqueue_base=True):
+    """An in-memory study whose trials draw their values as `tune.run`'s do but, instead of training, score the
+    given per-image validation correctness (the first one is the base recipe's trial when `enqueue_base`)."""
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    if enqueue_base:
+        study.enqueue_trial(tune._base_values(p))
+    scores = iter(results)
+
+    def objective(trial):
+        tune.sample(trial, p["search_space"], p)
+        right = np.asarray(next(scores), bool)
+        tune.store_val_correct(trial, right)
+        return 100 * right.mean()
+
+    study.optimize(objective, n_trials=len(results))
+    return study
+
+
+def correctness(n_right, n=400, flip=(0, 0)):
+    """`n_right` of `n` images right; `flip` = (wrong images made right, right images made wrong) after that."""
+    right = np.arange(n) < n_right
+    right[n_right:n_right + flip[0]] = True
+    right[:flip[1]] = False
+    return right
+
+
+def test_the_best_trial_replaces_the_base_recipe_only_when_validation_tells_them_apart(tmp_path):
+    p = tiny(tmp_path)
+    base = correctness(240)
+    # the best trial 1.0 pt above the base, 10 images only it gets right and 6 only the base: not told apart
+    close = scripted_study(p, [base, correctness(240, flip=(10, 6)), correctness(200)])
+    choice = tune.choose(close, p)
+    assert close.best_trial.number == 1 and choice.kept_base and choice.trial.number == 0
+    assert (choice.pair.a_only, choice.pair.b_only) == (10, 6) and choice.pair.p > 0.05
+    assert "not told apart" in choice.reason
+    written = params.load(tune.write_best(close, p, choice), "baseline")
+    assert params.identity(written) == params.identity(params.validate(tune.recipe(p), "baseline"))  # 01's own run
+    assert "the base recipe" in (tune.study_dir(p) / "best.yaml").read_text().splitlines()[0]
+    # 25 images better and none worse: told apart, so the best trial's values are retrained
+    far = scripted_study(p, [base, correctness(240, flip=(25, 0))])
+    choice = tune.choose(far, p)
+    assert not choice.kept_base and choice.trial.number == 1 and choice.pair.p < 0.05 and "told apart" in choice.reason
+    written = tune.best_params(far, p, choice)
+    assert written["batch_size"] == far.trials[1].params["batch_size"]
+    # keep_base off: the best trial, even when nothing tells it apart
+    off = tiny(tmp_path, keep_base=False)
+    assert tune.choose(close, off).trial.number == 1 and "keep_base is off" in tune.choose(close, off).reason
+
+
+def test_without_a_base_trial_or_its_predictions_the_best_trial_is_taken(tmp_path):
+    p = tiny(tmp_path)
+    no_base = scripted_study(p, [correctness(200), correctness(240)], enqueue_base=False)
+    choice = tune.choose(no_base, p)
+    assert choice.base is None and choice.trial.number == 1 and "no completed trial of the base recipe" in choice.reason
+    scored = scripted_study(p, [correctness(200), correctness(240)])
+    old_trials = optuna.create_study(direction="maximize")  # the same trials, from before trials kept predictions
+    for t in scored.trials:
+        old_trials.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=t.value))
+    choice = tune.choose(old_trials, p)
+    assert choice.base is not None and choice.pair is None and choice.trial.number == 1
+    assert "no stored validation predictions" in choice.reason
 
 
 def test_pruned_trials_are_recorded_and_the_study_goes_on(tmp_path):
