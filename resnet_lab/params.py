@@ -232,6 +232,8 @@ STAGE: dict[str, Field] = {
                             "training seeds (each one of the baseline's `seeds`), fine-tuning with that seed: the "
                             "spread of every model over seeds; [] = from the baseline of `seed` only",
                             validator=_check_seeds),
+    "speed_rounds": _f(int, 5, "rounds of interleaved CPU timing of the stage's models side by side at "
+                       "measure_batch_size (each model keeps the median of its batches)", low=1),
 }
 def check_distill(key: str, value: Any) -> dict[str, Any]:
     """Knowledge distillation of a fine-tune: {} (off), or {alpha, temperature, teacher} (missing keys take
