@@ -610,8 +610,10 @@ SUMMARY: dict[str, Field] = {
     "latency_repeats": _f(int, 10, "timed batches per model and round at latency_batch_size", low=1),
     "profile_groups": Field(list, list(GROUPS),
                             "groups of models whose CPU time is profiled layer by layer at both batch sizes "
-                            "(torch.profiler; speed_rounds rounds of speed_repeats / latency_repeats batches); [] = none",
+                            "(torch.profiler; profile_rounds rounds of speed_repeats / latency_repeats batches); [] = none",
                             validator=lambda key, value: _subset(key, value, GROUPS)),
+    "profile_rounds": _f(int, 1, "rounds of profiled forwards per model and batch size: the profile gives shares of the "
+                         "time, not the speed-ups (those come from speed_rounds of unprofiled timing)", low=1),
     "onnx": _f(bool, True, "export every model to ONNX in its run folder (made once, reused), check its test-set "
                "predictions against the PyTorch model's, and time it in ONNX Runtime beside eager PyTorch"),
     "onnx_agreement": _f(float, 99.0, "an exported float model whose predicted classes match its PyTorch model's on "

@@ -88,7 +88,7 @@ def run(p: dict) -> Summary:
     chosen = [name for name, group in table(out)["group"].items() if group in p["profile_groups"]]  # in table order
     cost = layer_times.event_cost() if chosen else 0.0  # the profiler's own cost per op, once for all models
     for name in (tqdm(chosen, desc="profiling layer by layer", disable=not p["progress"]) if chosen else []):
-        out.profiles[name] = {b: layer_times.profile(out.models[name], b, p["speed_rounds"], repeats, cost=cost)
+        out.profiles[name] = {b: layer_times.profile(out.models[name], b, p["profile_rounds"], repeats, cost=cost)
                               for b, repeats in ((p["measure_batch_size"], p["speed_repeats"]),
                                                  (p["latency_batch_size"], p["latency_repeats"]))}
     return out
