@@ -7,6 +7,8 @@ no PIL, no per-image Python, no worker processes.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import math
 import urllib.error
@@ -17,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .runs import resolve
+from .runs import file_lock, resolve
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
@@ -27,6 +29,7 @@ MINI_FILE = "cifar10_mini.npz"
 MINI_SHA256 = "a10bf2e77c90bd853784cf598f342d1225e6deb87acec7dbddc67910d8a8a5e9"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_LOCK = ".cifar-10.lock"
 
 
 class DataUnavailable(RuntimeError):
@@ -108,12 +111,29 @@ def _load_mini(path: Path):
         return z["x_train"], z["y_train"], z["x_test"], z["y_test"]
 
 
+@contextlib.contextmanager
+def _data_lock(root: Path):
+    """Exclusive lock on the data folder while CIFAR-10 is downloaded, extracted and read: two processes starting on
+    a fresh folder download and extract it once (the second waits, then finds the files), not twice into the same
+    files. A folder this process cannot write (a read-only shared copy) is read without the lock: nobody changes it."""
+    with contextlib.ExitStack() as held:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            held.enter_context(file_lock(root / CIFAR10_LOCK, busy=f"waiting for another process downloading or "
+                                                                  f"reading CIFAR-10 in {root}"))
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+        yield
+
+
 def _load_cifar10(root: Path):
     from torchvision.datasets import CIFAR10
 
     try:
-        train = CIFAR10(str(root), train=True, download=True)
-        test = CIFAR10(str(root), train=False, download=True)
+        with _data_lock(root):
+            train = CIFAR10(str(root), train=True, download=True)
+            test = CIFAR10(str(root), train=False, download=True)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         archive = root / CIFAR10_ARCHIVE
         if archive.is_file():  # torchvision found it wrong and tried to download a good one: say it is the file
