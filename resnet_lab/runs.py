@@ -25,13 +25,15 @@ import re
 import sys
 import tempfile
 import time
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 
-from . import params as params_mod
+from . import config as params_mod
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Bump when the meaning of stored runs changes, so old runs are not reused by mistake.
@@ -49,28 +51,82 @@ def resolve(path: str | os.PathLike) -> Path:
 
 
 # ---------------------------------------------------------------- atomic writes and safe reads
-def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None],
+                 store: str | os.PathLike | None = None) -> Path:
     """Write through `write(file)` into a temp file beside `path`, fsync, then rename over `path`.
 
     A crash leaves either the old file or the new one, never a partial file under the final name. The file gets
     the mode a plain `open` would give it (0666 less the umask: 0644 under the usual 022), not the temp file's 0600,
     so that reports and run stores can be read by a web server, a group or a colleague.
+
+    A write the file system refuses (full disk or quota, read-only, not permitted) raises `RunStoreError`, one line
+    naming the folder and what to do (`store`: the run store it belongs to, for the advice); the temp file is
+    removed and `path` keeps its old content. Other errors propagate as they are.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with refused_writes(path.parent, store):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
     return path
+
+
+# what the file system answers when the store cannot take a write: nothing the lab can fix by retrying
+NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+READ_ONLY = {errno.EROFS: "is read-only", errno.EACCES: "cannot be written by this user",
+             errno.EPERM: "cannot be written by this user"}
+
+
+def _refusal(err: BaseException) -> OSError | None:
+    """The OSError of a full, read-only or forbidden file system behind `err`, if any. torch.save reports a failed
+    write of its zip writer as a RuntimeError whose context is the OSError, so the chain is searched."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and (err.errno in NO_SPACE or err.errno in READ_ONLY):
+            return err
+        if not isinstance(err, (OSError, RuntimeError)):
+            return None
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+@contextlib.contextmanager
+def refused_writes(folder: str | os.PathLike, store: str | os.PathLike | None = None) -> Iterator[None]:
+    """Writes into `folder` that the file system refuses (ENOSPC, EDQUOT, EROFS, EACCES, EPERM) become one
+    `RunStoreError` line naming the folder and what to do; `store` is the run store the folder belongs to."""
+    try:
+        yield
+    except RunStoreError:
+        raise
+    except (OSError, RuntimeError) as e:
+        err = _refusal(e)
+        if err is None:
+            raise
+        raise RunStoreError(_refusal_message(err, Path(folder), store)) from None
+
+
+def _refusal_message(err: OSError, folder: Path, store: str | os.PathLike | None) -> str:
+    name = Path(err.filename) if err.filename else folder
+    where = f" (writing {name})" if name != folder and name.parent != folder else ""
+    if err.errno in NO_SPACE:
+        advice = "free space or point run_root elsewhere" if store is not None else "free space or write elsewhere"
+        return f"{NO_SPACE[err.errno]} in {folder}{where}: {advice}; nothing was half-written"
+    if store is None:
+        return f"the folder {folder} {READ_ONLY[err.errno]}{where}: make it writable or write elsewhere"
+    if Path(store) != folder:
+        where = f" (writing {name if where else folder})"
+    return (f"the run store {store} {READ_ONLY[err.errno]}{where}: make it writable or point run_root at a writable "
+            f"folder (its finished runs can still be read)")
 
 
 def _umask() -> int:
@@ -85,17 +141,17 @@ def _umask() -> int:
     return mask
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
+def write_json(path: str | os.PathLike, obj: Any, store: str | os.PathLike | None = None) -> Path:
     data = json.dumps(obj, indent=1, allow_nan=False).encode()
-    return atomic_write(path, lambda f: f.write(data))
+    return atomic_write(path, lambda f: f.write(data), store)
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text.encode()))
+def write_text(path: str | os.PathLike, text: str, store: str | os.PathLike | None = None) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()), store)
 
 
-def save_torch(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write(path, lambda f: torch.save(obj, f))
+def save_torch(path: str | os.PathLike, obj: Any, store: str | os.PathLike | None = None) -> Path:
+    return atomic_write(path, lambda f: torch.save(obj, f), store)
 
 
 STALE_TMP_S = 600  # a temp file this old in a run folder is a write that was killed (writes take seconds)
@@ -189,6 +245,42 @@ def run_key(stage: str, values: Mapping[str, Any]) -> str:
 
 
 PREDICTIONS = "predictions.npz"
+MAX_PREDICTIONS = 10_000_000  # images of one split, when the caller gives no size (CIFAR-10 has 60,000 in all)
+MAX_SPLITS = 16  # arrays in one predictions file (the lab writes test and val)
+
+
+def _read_predictions(path: Path, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Read predictions.npz member by member, checking each .npy header (version, dtype, shape) before its data."""
+    from numpy.lib import format as npy
+
+    out = {}
+    with zipfile.ZipFile(path) as z:
+        members = z.infolist()
+        if len(members) > MAX_SPLITS:
+            raise RunStoreError(f"{path} holds {len(members):,} arrays, not one per split (at most {MAX_SPLITS}); "
+                                "delete the run folder to recompute it")
+        for member in members:
+            split = member.filename[:-4] if member.filename.endswith(".npy") else member.filename
+            with z.open(member) as f:
+                version = npy.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = npy.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, _, dtype = npy.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f"array '{split}' has .npy format {version}, which predictions never use")
+                bound = sizes.get(split, MAX_PREDICTIONS)
+                if dtype != np.uint8 or len(shape) != 1 or not 0 <= shape[0] <= bound:
+                    what = f"{'x'.join(map(str, shape)) or 'scalar'} {dtype}"
+                    limit = f"the {bound:,} images of split '{split}'" if split in sizes else f"{bound:,} images"
+                    raise RunStoreError(f"{path}: array '{split}' is {what}, not one uint8 class per image of at most "
+                                        f"{limit}; refused unread (a damaged or foreign file); delete the run folder "
+                                        "to recompute it")
+                raw = f.read(shape[0])
+                if len(raw) != shape[0]:
+                    raise ValueError(f"array '{split}' is truncated: {len(raw):,} of {shape[0]:,} bytes")
+            out[split] = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).astype(np.int64))
+    return out
 
 
 class Run:
@@ -238,13 +330,13 @@ class Run:
             raise RunStoreError(str(e)) from None
 
     def write_json(self, name: str, obj: Any) -> Path:
-        return write_json(self.path(name), obj)
+        return write_json(self.path(name), obj, self.store.root)
 
     def read_json(self, name: str) -> Any:
         return read_json(self.path(name))
 
     def save_weights(self, state_dict: Mapping[str, torch.Tensor], name: str = "model.pt") -> Path:
-        return save_torch(self.path(name), dict(state_dict))
+        return save_torch(self.path(name), dict(state_dict), self.store.root)
 
     def load_weights(self, name: str = "model.pt") -> dict[str, torch.Tensor]:
         sd = load_torch(self.path(name))
@@ -255,18 +347,23 @@ class Run:
     def save_predictions(self, predictions: Mapping[str, torch.Tensor]) -> Path:
         """Store the predicted class of every image of each split ({split: classes}), one byte per image."""
         arrays = {split: np.asarray(t.cpu(), dtype=np.uint8) for split, t in predictions.items()}
-        return atomic_write(self.path(PREDICTIONS), lambda f: np.savez(f, **arrays))
+        return atomic_write(self.path(PREDICTIONS), lambda f: np.savez(f, **arrays), self.store.root)
 
-    def predictions(self) -> dict[str, torch.Tensor]:
-        """{split: predicted class per image} as `save_predictions` stored it (read without unpickling)."""
+    def predictions(self, sizes: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+        """{split: predicted class per image} as `save_predictions` stored it (read without unpickling).
+
+        A run store is shared, so each array's header is read before its data: an array that is not one byte per
+        image (uint8, 1-D) or holds more images than its split (`sizes`: {split: images}, from the caller) or, for
+        a split not given, than `MAX_PREDICTIONS`, is refused unread, so a small file that would decompress to
+        gigabytes raises `RunStoreError`, not `MemoryError`."""
         path = self.path(PREDICTIONS)
         try:
-            with np.load(path, allow_pickle=False) as z:
-                return {k: torch.from_numpy(z[k].astype(np.int64)) for k in z.files}
+            return _read_predictions(path, dict(sizes or {}))
         except FileNotFoundError:
             raise RunStoreError(f"{path} does not exist") from None
-        except (OSError, ValueError) as e:
-            raise RunStoreError(f"{path} is not a predictions file ({e}); delete the run folder to recompute it") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
+            raise RunStoreError(f"{path} is not a predictions file ({_first_line(e)}); delete the run folder to "
+                                "recompute it") from None
 
     def finish(self, metrics: Mapping[str, Any]) -> None:
         """Mark the run finished by writing metrics.json, the last file of every run."""
@@ -289,6 +386,8 @@ class Run:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 held.enter_context(file_lock(self.path(".lock")))
             except OSError as e:
+                if e.errno in NO_SPACE:  # a full disk: one line naming the folder, not a traceback
+                    raise RunStoreError(_refusal_message(e, self.dir, self.store.root)) from None
                 if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                     raise
                 if not self.done:
@@ -315,8 +414,16 @@ class RunStore:
         unless `create` is False (a lookup of an upstream run)."""
         run = Run(self, stage, run_key(stage, values))
         if create and not run.path("params.yaml").is_file():
-            run.dir.mkdir(parents=True, exist_ok=True)
-            write_text(run.path("params.yaml"), params_mod.dump_yaml(values))
+            made = [d for d in (run.dir, run.dir.parent, self.root) if not d.is_dir()]
+            try:
+                with refused_writes(run.dir, self.root):
+                    run.dir.mkdir(parents=True, exist_ok=True)
+                write_text(run.path("params.yaml"), params_mod.dump_yaml(values), self.root)
+            except RunStoreError:  # a full or read-only store: leave no empty run folder behind
+                for d in made:
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+                raise
         return run
 
     def runs(self, stage: str | None = None) -> list[Run]:
