@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{a.file}: valid for stage '{stage}'{how}")
             print(json.dumps(p, indent=1))
         elif a.cmd == "train":
-            from . import train
+            from . import baselines
 
-            for result in train.replicates(params.load(a.file, "baseline")):  # `seed`, then the other `seeds`
+            for result in baselines.replicates(params.load(a.file, "baseline")):  # `seed`, then the other `seeds`
                 state = "reused" if result.reused else "trained"
                 print(f"{state} {result.run.dir}: test accuracy {result.metrics['test_acc']:.2f}%", flush=True)
         elif a.cmd == "tune":

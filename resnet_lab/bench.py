@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
-from . import export, metrics, models, registry, runs, train
+from . import baselines, export, metrics, models, registry, runs, train
 
 
 class StockCIFAR(torch.utils.data.Dataset):
@@ -125,8 +125,8 @@ def inference(p: dict) -> dict | None:
     eager PyTorch and in ONNX Runtime (each model exported to a temporary ONNX file), all measured side by side
     (interleaved rounds); None when that baseline has not been trained yet."""
     try:
-        base, _ = train.trained_baseline(p["baseline"], p)
-    except train.UpstreamMissing as e:
+        base, _ = baselines.trained(p["baseline"], p)
+    except baselines.UpstreamMissing as e:
         print(f"inference: skipped ({e})")
         return None
     models_ = {"FP32 (baseline)": base.model.eval()}

@@ -58,8 +58,9 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def graph_of(model: nn.Module) -> nn.Module:
-    """The module exported for `model` (see the module's notes): an FP16/BF16 model's float32 twin, else itself."""
-    if isinstance(model, models.Precision):
+    """The module exported for `model` (see the module's notes): a wrapped model's (FP16/BF16) float32 twin, else
+    itself."""
+    if isinstance(model, models.Wrapper):
         return copy.deepcopy(models.unwrap(model)).float().eval()
     return model.eval()
 

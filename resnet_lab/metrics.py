@@ -167,35 +167,38 @@ def _weight(m: nn.Module) -> torch.Tensor:
     return m.weight() if callable(m.weight) else m.weight  # quantized modules expose weight()
 
 
-def _levels_weight(m: nn.Module) -> bool:
-    """The layer's weight is on an integer grid (torch int8, or frozen by quantization-aware training): a zero in
-    it is rounding, not pruning."""
-    from .qat import _Quantized
+# A layer that computes on an integer grid it simulates in float (a technique's fake-quantized layer) exposes
+# `grid_weight()` (the weight it computes with) and `input_bits` (the bits of the activation entering it).
+def _simulated(m: nn.Module) -> bool:
+    return callable(getattr(m, "grid_weight", None))
 
-    return isinstance(m, _Quantized) or _weight(m).is_quantized
+
+def _levels_weight(m: nn.Module) -> bool:
+    """The layer's weight is on an integer grid (torch's quantized tensors, or a simulated grid): a zero in it is
+    rounding, not pruning."""
+    return _simulated(m) or _weight(m).is_quantized
 
 
 def layer_weight_bits(m: nn.Module) -> float:
-    """Bits per weight of a conv/linear layer: for a QAT layer, measured from its weights, log2 of the most
+    """Bits per weight of a conv/linear layer: for a simulated grid, measured from its weights, log2 of the most
     distinct levels any output channel holds (rounded up); else `weight_bits` of its storage."""
-    from .qat import _Quantized
-
-    if isinstance(m, _Quantized):
-        w = m.quantized_weight().detach().flatten(1)
+    if _simulated(m):
+        w = m.grid_weight().detach().flatten(1)
         most = max(int(torch.unique(row).numel()) for row in w)
         return float(max(1, math.ceil(math.log2(most))))
     return weight_bits(_weight(m))
 
 
 def input_bits(m: nn.Module, x: torch.Tensor) -> int:
-    """Bits of the activation entering a layer: its input quantizer's (QAT), else the input's storage type."""
-    quantizer = getattr(m, "a_quant", None)
-    return quantizer.bits if quantizer is not None else x.element_size() * 8
+    """Bits of the activation entering a layer: its input quantizer's (a simulated grid), else the input's storage
+    type."""
+    bits = getattr(m, "input_bits", None)
+    return int(bits) if bits is not None else x.element_size() * 8
 
 
 def weight_bits(w: torch.Tensor) -> int:
-    """Bits per weight: 1 where every output channel holds one magnitude with signs (BinaryConnect's ±1
-    or ±α, zeros allowed), else the storage type's (32, 16, 8 for quantized int8)."""
+    """Bits per weight: 1 where every output channel holds one magnitude with signs (binary weights: ±1 or ±α,
+    zeros allowed), else the storage type's (32, 16, 8 for torch's quantized tensors)."""
     if not w.is_quantized and packed.sign_magnitudes(w) is not None:
         return 1
     return w.element_size() * 8
@@ -226,7 +229,7 @@ def bit_widths(model: nn.Module, input_size: tuple[int, ...] = (2, 3, 32, 32)) -
     """Weight and activation bits measured from the model, as the course score needs them.
 
     weight_bits: mean `layer_weight_bits` over the conv/linear weights, weighted by their number.
-    act_bits: the widest activation entering a conv/linear layer during a forward pass (a QAT layer's input
+    act_bits: the widest activation entering a conv/linear layer during a forward pass (a simulated layer's input
     quantizer's bits; so a W4A4 model whose first conv and last linear stay at 8 bits has act_bits 8).
     """
     layers = _layers(model)
@@ -252,7 +255,7 @@ def course_inputs(model: nn.Module, pruned_from: nn.Module | None = None) -> dic
     pruned_from: the unpruned model this one was pruned from; p_s is then the share of its parameters
     removed (channels) and w, f are its counts, as the formula intends. None: the model is scored as its
     own architecture (quantized, factorized or dense): p_s = 0, w and f its own counts. p_u is the share
-    of w held by zeros in float conv/linear weights (a quantized int8 zero is rounding, not pruning).
+    of w held by zeros in float conv/linear weights (a zero of a quantized tensor is rounding, not pruning).
     """
     params = count_params(model)
     w, f = (count_params(pruned_from), count_macs(pruned_from)["macs"]) if pruned_from is not None else (params, count_macs(model)["macs"])
@@ -266,7 +269,7 @@ def course_inputs(model: nn.Module, pruned_from: nn.Module | None = None) -> dic
 def _kept_weights(model: nn.Module) -> dict[str, tuple[int, int]]:
     """{layer name: (weights, weights kept)} of every conv/linear layer, named as in the float model (a
     half-precision wrapper's prefix dropped); kept = nonzero for float weights, all for quantized ones
-    (an int8 zero is rounding, not pruning)."""
+    (a quantized zero is rounding, not pruning)."""
     layers, out = set(_layers(model)), {}
     for name, m in models.unwrap(model).named_modules():
         if m in layers:
@@ -287,7 +290,7 @@ def sparsity(model: nn.Module, root: nn.Module) -> dict[str, Any]:
 def micronet(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> dict[str, float]:
     """MicroNet-challenge-style counts (NeurIPS 2019 rules), in 32-bit equivalents, lower is better.
 
-    Parameters: each tensor's entries at bits/32 (1-bit signs = 1/32, fp16 = 1/2); a tensor with zeros
+    Parameters: each tensor's entries at bits/32 (1-bit signs = 1/32, 16-bit = 1/2); a tensor with zeros
     costs its nonzeros plus a 1-bit mask over its whole shape when that is cheaper. Ops: per conv/linear
     layer, one multiply and one add per nonzero weight per output position (pruned weights shorten
     the dot products), each weighted by max(weight bits, input bits)/32; BatchNorm, ReLU, pooling and

@@ -6,6 +6,8 @@ At width 64: 11,173,962 parameters and 555,422,720 conv+linear MACs per 32x32 im
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,64 +61,55 @@ def resnet18(width: int = 64, num_classes: int = 10) -> ResNet:
     return ResNet((2, 2, 2, 2), width=width, num_classes=num_classes)
 
 
-def build(arch: dict) -> nn.Module:
-    """The (untrained) model an `arch` record describes (stored next to weights, so a file says what it holds).
+# How an arch record's keys rebuild what compression changed: {key: (order, apply(model, value) -> model)}.
+# `shapes` (layers resized, e.g. channels removed) is generic; each technique that changes the layout
+# registers its own key from its module (`register_arch`).
+_ARCH_RULES: dict[str, tuple[int, Callable[[nn.Module, Any], nn.Module]]] = {}
 
-    The record is the ResNet18's `width` plus what compression changed, applied in this order:
-    `factorized` ({layer: rank}: the conv replaced by a low-rank pair, see `low_rank_pair`), `shapes`
-    ({layer: weight shape}, from `shapes_of`: layers resized, e.g. channels removed by structured
-    pruning; taken from the final model, so it covers the pairs' layers too) and `precision`
-    (float16 or bfloat16: the model wrapped in `Precision`), or `qat` ({layer: [weight bits, activation bits,
-    signed input]}: the layer fake-quantized by QAT, see `qat.rebuild`). Any chain of those steps rebuilds.
-    """
-    if arch.get("name") != "resnet18":
-        raise ValueError(f"unknown architecture {arch!r}; known: resnet18")
-    model: nn.Module = resnet18(int(arch["width"]), int(arch.get("num_classes", 10)))
-    for name, rank in arch.get("factorized", {}).items():
-        model.set_submodule(name, low_rank_pair(model.get_submodule(name), int(rank)))
-    for name, shape in arch.get("shapes", {}).items():
+
+def register_arch(key: str, apply: Callable[[nn.Module, Any], nn.Module], order: int) -> None:
+    """Teach `build` an arch record key: `apply(model, value)` runs after the rules of lower `order`."""
+    _ARCH_RULES[key] = (order, apply)
+
+
+def _resize_all(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Module:
+    for name, shape in shapes.items():
         model.set_submodule(name, _resized(model.get_submodule(name), shape))
-    if arch.get("qat"):  # layers quantization-aware training fake-quantizes (weights frozen at their levels)
-        from . import qat
-
-        model = qat.rebuild(model, arch["qat"])
-    precision = arch.get("precision", "float32")
-    if precision != "float32":
-        model = Precision(model, getattr(torch, precision))
     return model
 
 
-def low_rank_pair(conv: nn.Conv2d, rank: int) -> nn.Sequential:
-    """The layout that replaces a k×k conv by a rank-`rank` factorization: a k×k conv C_in→rank (the
-    original stride, padding, dilation) followed by a 1×1 conv rank→C_out (the original bias).
-    Untrained; `factorize.split` fills it from the SVD."""
-    first = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                      dilation=conv.dilation, bias=False, padding_mode=conv.padding_mode)
-    return nn.Sequential(first, nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None))
+register_arch("shapes", _resize_all, order=20)  # from the final model, so it covers layers made before it
 
 
-class Precision(nn.Module):
-    """`model` run in `dtype` (float16 or bfloat16) with BatchNorm in float32; float32 in, float32 out.
+def build(arch: dict) -> nn.Module:
+    """The (untrained) model an `arch` record describes (stored next to weights, so a file says what it holds).
 
-    BatchNorm stays in float32 because its running variance and epsilon lose precision in half
-    (and it costs nothing: it is a per-channel scale and shift). Its output is cast back to `dtype`.
+    The record is the ResNet18's `width` plus what compression changed, one key per change, applied in the
+    order their rules were registered with (`register_arch`): `shapes` ({layer: weight shape}, from
+    `shapes_of`) resizes layers; the techniques add theirs. Any chain of steps rebuilds.
     """
+    if arch.get("name") != "resnet18":
+        raise ValueError(f"unknown architecture {arch!r}; known: resnet18")
+    unknown = [k for k in arch if k not in _ARCH_RULES and k not in ("name", "width", "num_classes")]
+    if unknown:
+        raise ValueError(f"arch record key {unknown[0]!r} has no rule (its technique's module is not imported; "
+                         f"known: {', '.join(_ARCH_RULES)})")
+    model: nn.Module = resnet18(int(arch["width"]), int(arch.get("num_classes", 10)))
+    for key, (_, apply) in sorted(_ARCH_RULES.items(), key=lambda kv: kv[1][0]):
+        if arch.get(key):
+            model = apply(model, arch[key])
+    return model
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.dtype = dtype
-        self.model = model.to(dtype)
-        for m in self.model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.to(self.dtype)).float()
+class Wrapper(nn.Module):
+    """A module that runs a network held in `self.model` (e.g. in another precision): its layers keep the names
+    they have in the plain network."""
+    model: nn.Module
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The network inside a `Precision` wrapper (its layers carry the names they have in the float model)."""
-    return model.model if isinstance(model, Precision) else model
+    """The network inside a `Wrapper` (its layers carry the names they have in the plain model)."""
+    return model.model if isinstance(model, Wrapper) else model
 
 
 def arch_of(model: ResNet) -> dict:

@@ -1,12 +1,12 @@
 """A compact file format for compressed weights: 1-bit signs, b-bit levels, bitmask-sparse tensors, dense values.
 
 `save(state, path, arch)` stores each tensor of a state_dict in the smallest of three forms:
-- signs: every output channel holds one magnitude α_c with signs (BinaryConnect's ±1 or ±α), maybe
+- signs: every output channel holds one magnitude α_c with signs (±1 or ±α: binary weights), maybe
   with zeros (pruned): 1 bit per sign (per nonzero when masked) + a 1-bit mask + α per channel;
 - sparse: a 1-bit mask over the full shape plus the nonzero values in their dtype, used when the
   zeros saved outweigh the mask (more than 1/bits of the entries are zero: MicroNet's accounting);
-- levels: a weight that quantization-aware training froze at integer levels times a step per output
-  channel (`qat`, the arch record names its bits): b bits per entry, the step stored as its own tensor;
+- levels: a weight frozen at signed integer levels times a step per output channel (the caller names its
+  bits and step tensor: `levels`): b bits per entry, the step stored as its own tensor;
 - dense: the values in their dtype.
 All bits share one uint8 tensor and values of each dtype one tensor, next to a layout of plain lists,
 so a file loads with `torch.load(weights_only=True)` and costs no per-tensor overhead.
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import models, qat, runs
+from . import models, runs
 
 FORMAT = "resnet-lab/packed/1"
-_LEGACY_BINARY = "resnet-lab/binary-weights/1"  # 03's first packed BinaryConnect files (signs and floats only)
+_LEGACY_BINARY = "resnet-lab/binary-weights/1"  # the first packed binary-weight files (signs and floats only)
 
 
 def sign_magnitudes(w: torch.Tensor) -> torch.Tensor | None:
@@ -65,22 +65,28 @@ class _Writer:
         return dtype, start
 
 
-def pack(state: Mapping[str, torch.Tensor], arch: dict) -> dict[str, Any]:
-    """The packed form of `state` (see the module docstring)."""
+def int_range(bits: int, signed: bool) -> tuple[int, int]:
+    """(q_min, q_max) of a `bits`-bit integer grid: signed −2^(b−1) … 2^(b−1)−1, unsigned 0 … 2^b−1."""
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
+def pack(state: Mapping[str, torch.Tensor], arch: dict,
+         levels: Mapping[str, tuple[int, str]] | None = None) -> dict[str, Any]:
+    """The packed form of `state` (see the module docstring). `levels`: {tensor name: (bits, name of its step
+    tensor)} for weights that hold signed integer levels times a step per output channel."""
     out = _Writer()
     layout = []
-    quantized = arch.get("qat") or {}
+    levels = levels or {}
     for name, t in state.items():
         entry: dict[str, Any] = {"name": name, "shape": list(t.shape)}
-        layer = name.removesuffix(".weight")
-        codes = _codes(t, state.get(f"{layer}.w_quant.step"), quantized[layer][0]) if layer in quantized else None
+        bits, step = levels.get(name, (None, None))
+        codes = _codes(t, state.get(step), bits) if bits else None
         if not t.is_floating_point():  # BatchNorm's num_batches_tracked
             entry |= {"kind": "int", "value": t.flatten().tolist()}
-        elif codes is not None:  # a QAT weight: b bits per entry, its step per channel stored beside it
-            bits = quantized[layer][0]
-            q_min = qat.levels(bits, signed=True)[0]
+        elif codes is not None:  # b bits per entry, its step per channel stored beside it
+            q_min = int_range(bits, signed=True)[0]
             entry |= {"kind": "levels", "dtype": str(t.dtype).removeprefix("torch."), "bits": bits, "q_min": q_min,
-                      "codes": out.add_bits(_to_bits(codes - q_min, bits)), "step": f"{layer}.w_quant.step"}
+                      "codes": out.add_bits(_to_bits(codes - q_min, bits)), "step": step}
         elif (alpha := sign_magnitudes(t)) is not None:
             nonzero = t != 0
             sparse = not bool(nonzero.all())
@@ -104,13 +110,13 @@ def pack(state: Mapping[str, torch.Tensor], arch: dict) -> dict[str, Any]:
 
 
 def _codes(w: torch.Tensor, step: torch.Tensor | None, bits: int) -> torch.Tensor | None:
-    """The integers of a frozen QAT weight (w = codes·step per output channel, codes in the signed `bits`-bit
+    """The integers of a weight on a grid (w = codes·step per output channel, codes in the signed `bits`-bit
     range), or None if `w` is not exactly that."""
     if step is None or not w.is_floating_point() or step.numel() != w.shape[0]:
         return None
     s = step.detach().view(-1, *([1] * (w.dim() - 1)))
     codes = torch.round(w.detach() / s)
-    q_min, q_max = qat.levels(bits, signed=True)
+    q_min, q_max = int_range(bits, signed=True)
     if codes.min() < q_min or codes.max() > q_max or not torch.equal(codes * s, w.detach()):
         return None
     return codes.to(torch.int64)
@@ -121,15 +127,16 @@ def _to_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     return ((values.flatten()[:, None] >> torch.arange(bits)) & 1).to(torch.bool)
 
 
-def save(state: Mapping[str, torch.Tensor], path: str | os.PathLike, arch: dict) -> Path:
+def save(state: Mapping[str, torch.Tensor], path: str | os.PathLike, arch: dict,
+         levels: Mapping[str, tuple[int, str]] | None = None) -> Path:
     """Write `state` packed, with the `arch` record that rebuilds its model (atomically)."""
-    return runs.save_torch(path, pack(state, arch))
+    return runs.save_torch(path, pack(state, arch, levels))
 
 
-def nbytes(state: Mapping[str, torch.Tensor], arch: dict) -> int:
+def nbytes(state: Mapping[str, torch.Tensor], arch: dict, levels: Mapping[str, tuple[int, str]] | None = None) -> int:
     """The size `save` would write."""
     buf = io.BytesIO()
-    torch.save(pack(state, arch), buf)
+    torch.save(pack(state, arch, levels), buf)
     return buf.getbuffer().nbytes
 
 
@@ -197,7 +204,7 @@ def _unpack(blob: dict) -> dict[str, torch.Tensor]:
             v = values[e.get("dtype", "float32")]
             state[e["name"]] = v[e["offset"]: e["offset"] + n].view(shape).clone()
     for e in blob["layout"]:
-        if e["kind"] == "levels":  # codes times the step of their channel, as `qat.freeze` computed the weight
+        if e["kind"] == "levels":  # codes times the step of their channel
             step = state[e["step"]]
             state[e["name"]] = (state[e["name"]].to(step.dtype).view(e["shape"]) * step.view(-1, *([1] * (len(e["shape"]) - 1)))
                                 ).to(getattr(torch, e["dtype"]))

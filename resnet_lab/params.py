@@ -1,4 +1,5 @@
-"""Parameters: the schema of every stage, loading from YAML and validation before any work.
+"""Parameters of each stage: its schema (composed from the config core's shared keys and each technique's own
+`CONFIG`), loading from YAML, and validation before any work.
 
 Parameters are flat `key: value` mappings, so papermill can inject them as notebook variables.
 Every stage declares the keys it accepts; an unknown key, a wrong type or a value out of range
@@ -7,422 +8,24 @@ stops the run at once with a message naming the key and what is allowed.
 from __future__ import annotations
 
 import copy
-import difflib
-import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
-import yaml
+from . import registry, techniques
+from .config import (ADDED_OFF, COMMON, FINETUNE, NOT_IN_IDENTITY, REPORTING, SPACE_CHOICES, SPACE_RANGES, SEEDS, STAGE, TRAINING, TUNING, Field,  # noqa: F401
+                     ParamsError, bounded, check_all, check_seeds, did_you_mean, dump_yaml, fractions, identity,
+                     notebook_values, read_yaml)
+from .registry import THEN, check_chain
+from .techniques import binaryconnect, prune, qat, svd
 
-
-class ParamsError(ValueError):
-    """A parameter set that cannot be run: the message names the key and what is allowed."""
-
-
-@dataclass(frozen=True)
-class Field:
-    kind: type  # bool, int, float or str
-    default: Any
-    help: str
-    choices: tuple | None = None
-    low: float | None = None  # inclusive lower bound
-    high: float | None = None  # inclusive upper bound
-    low_open: bool = False  # exclude `low` itself
-    high_open: bool = False  # exclude `high` itself
-    validator: Callable[[str, Any], Any] | None = None  # deeper check of a list/dict value
-    required: bool = False  # a chain link must give it (no default)
-
-    def allowed(self) -> str:
-        if self.kind is object:  # a chain: its validator says what it takes
-            return "a list of steps"
-        if self.choices:
-            return "one of " + ", ".join(repr(c) for c in self.choices)
-        lo = "(" if self.low_open else "["
-        hi = ")" if self.high_open else "]"
-        low = "-inf" if self.low is None else f"{self.low:g}"
-        high = "inf" if self.high is None else f"{self.high:g}"
-        if self.low is None and self.high is None:
-            return f"a {self.kind.__name__}"
-        return f"a {self.kind.__name__} in {lo}{low}, {high}{hi}"
-
-    def check(self, key: str, value: Any) -> Any:
-        """Return the value coerced to the field's type, or raise ParamsError."""
-        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if self.kind is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-            # YAML 1.1 (PyYAML, papermill's -f) reads 1e-3 without a dot as a string; a person means the number
-            value = float(value)
-        ok_type = isinstance(value, self.kind) and not (self.kind is not bool and isinstance(value, bool))
-        if not ok_type:
-            raise ParamsError(
-                f"parameter '{key}' = {_bounded(repr(value))} has type {type(value).__name__}; "
-                f"expected {self.allowed()} ({self.help})"
-            )
-        bad = False
-        if self.choices is not None:
-            bad = value not in self.choices
-        elif self.kind in (int, float):
-            if isinstance(value, float) and not math.isfinite(value):
-                bad = True
-            if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-                bad = True
-            if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
-                bad = True
-        if bad:
-            raise ParamsError(f"parameter '{key}' = {_bounded(repr(value))} is out of range; expected {self.allowed()} ({self.help})")
-        return self.validator(key, value) if self.validator else value
-
-
-# A decimal number as people write one: 1e-3, 5E-4, .5, 3., -2.5e+1 (not inf/nan, not hex)
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _did_you_mean(name: Any, allowed) -> str:
-    """" (did you mean 'x'?)" for the allowed name closest to a misspelled one, or ""."""
-    close = difflib.get_close_matches(str(name), allowed, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _f(kind, default, help, **kw) -> Field:
-    return Field(kind, default, help, **kw)
-
-
-def _available(key: str, value: str) -> str:
-    """A device named explicitly must exist on this machine: refused before any work, not after minutes of it."""
-    import torch
-
-    if value == "cuda" and not torch.cuda.is_available():
-        raise ParamsError(f"parameter '{key}' = 'cuda', but this machine has no CUDA GPU that torch can use "
-                          "(use 'auto' or 'cpu')")
-    if value == "mps" and not torch.backends.mps.is_available():
-        raise ParamsError(f"parameter '{key}' = 'mps', but MPS is not available on this machine (use 'auto' or 'cpu')")
-    return value
-
-
-# Keys shared by every stage that loads data, builds a model or writes a run.
-COMMON: dict[str, Field] = {
-    "profile": _f(str, "default", "label of the profile these params belong to", choices=("default", "full", "smoke", "seeds")),
-    "data": _f(str, "mini", "data source", choices=("mini", "cifar10", "synthetic")),
-    "data_dir": _f(str, "data", "folder of the data files (relative to the repo root)"),
-    "synthetic_train": _f(int, 512, "training images generated by the synthetic source", low=16, high=10_000_000),
-    "synthetic_test": _f(int, 128, "test images generated by the synthetic source", low=16, high=10_000_000),
-    "val_fraction": _f(float, 0.1, "share of the training set held out for validation", low=0.0, high=0.5),
-    "seed": _f(int, 0, "seed of the split, the initialisation, the shuffling and the augmentation", low=0,
-               high=2**32 - 1),  # numpy's seeds stop there; torch's a little further
-    "device": _f(str, "auto", "compute device (auto: cuda, then mps, then cpu)", choices=("auto", "cpu", "cuda", "mps"),
-                 validator=_available),
-    "eval_batch_size": _f(int, 500, "batch size for evaluation", low=1),
-    "measure_batch_size": _f(int, 128, "batch size at which CPU throughput and latency are measured", low=1),
-    "run_root": _f(str, "runs", "run store folder (relative to the repo root)"),
-    "reuse": _f(bool, True, "reuse a finished run with the same parameters instead of recomputing"),
-    "progress": _f(bool, True, "show tqdm progress bars"),
-}
-
-# Keys of one training recipe (the baseline, and every fine-tuning later).
-TRAINING: dict[str, Field] = {
-    "width": _f(int, 64, "channels of the first ResNet18 stage (64 = the standard ResNet18)", low=1, high=1024),
-    "epochs": _f(int, 10, "training epochs", low=1, high=10_000),
-    "batch_size": _f(int, 128, "training batch size", low=1, high=65_536),
-    "optimizer": _f(str, "sgd", "optimizer", choices=("sgd", "adam", "adamw")),
-    "lr": _f(float, 0.1, "peak learning rate", low=0.0, high=10.0, low_open=True),
-    "momentum": _f(float, 0.9, "SGD momentum (Adam: beta1)", low=0.0, high=1.0, high_open=True),
-    "nesterov": _f(bool, True, "Nesterov momentum (SGD only)"),
-    "weight_decay": _f(float, 5e-4, "weight decay", low=0.0, high=1.0),
-    "scheduler": _f(str, "onecycle", "learning-rate schedule", choices=("onecycle", "cosine", "step", "none")),
-    "warmup_fraction": _f(float, 0.25, "one-cycle: share of the steps spent rising to the peak lr", low=0.0, high=1.0, low_open=True, high_open=True),
-    "step_size": _f(int, 30, "step schedule: epochs between lr drops", low=1),
-    "gamma": _f(float, 0.1, "step schedule: lr factor at each drop", low=0.0, high=1.0, low_open=True),
-    "label_smoothing": _f(float, 0.0, "label smoothing of the cross-entropy", low=0.0, high=1.0, high_open=True),
-    "amp": _f(str, "auto", "mixed precision on CUDA (auto: bf16 where supported)", choices=("auto", "bf16", "fp16", "off")),
-    "eval_flip": _f(bool, False, "final evaluation averages each image and its mirror (test-time flip); per-epoch curves use one view"),
-    "test_each_epoch": _f(bool, True, "also evaluate the test set after every epoch (curves only; never used to choose)"),
-}
-
-REPORTING: dict[str, Field] = {
-    "sample_images": _f(int, 24, "test images shown with their predictions", low=0, high=200),
-}
-
-# ---------------------------------------------------------------- Optuna search space
-# A search space maps training keys to either a list of choices or a [low, high] range.
-SPACE_CHOICES = ("batch_size", "optimizer", "scheduler", "width", "nesterov")
-SPACE_RANGES = ("lr", "weight_decay", "momentum", "label_smoothing", "gamma", "warmup_fraction", "step_size", "epochs")
-SPACE_LOG = ("lr", "weight_decay")  # sampled log-uniformly
-
-
-def check_search_space(key: str, space: Any) -> dict[str, Any]:
-    """Validate a search space (see params/optuna.yaml); every value is checked like the key itself."""
-    allowed = SPACE_CHOICES + SPACE_RANGES
-    out = {}
-    for name, spec in space.items():
-        where = f"{key}.{name}"
-        if name not in allowed:
-            raise ParamsError(f"unknown search-space key '{where}'" + _did_you_mean(name, allowed)
-                              + f"; searchable keys: {', '.join(allowed)}")
-        field = TRAINING[name]
-        if name in SPACE_CHOICES:
-            if not isinstance(spec, list) or not spec:
-                raise ParamsError(f"'{where}' must be a non-empty list of choices, not {spec!r}")
-            out[name] = [field.check(where, v) for v in spec]
-        elif name == "lr" and isinstance(spec, dict):  # one range per optimizer
-            for opt in spec:
-                if opt not in TRAINING["optimizer"].choices:
-                    raise ParamsError(f"'{where}' names unknown optimizer '{opt}'; "
-                                      f"known: {', '.join(TRAINING['optimizer'].choices)}")
-            out[name] = {opt: _check_range(f"{where}.{opt}", field, r, True) for opt, r in spec.items()}
-        else:
-            out[name] = _check_range(where, field, spec, name in SPACE_LOG)
-    if isinstance(out.get("lr"), dict) and "optimizer" in out:
-        missing = set(out["optimizer"]) - set(out["lr"])
-        if missing:
-            raise ParamsError(f"'{key}.lr' has no range for optimizer(s) {sorted(missing)} listed in '{key}.optimizer'")
-    return out
-
-
-def _check_range(where: str, field: Field, spec: Any, log: bool) -> list:
-    if not isinstance(spec, list) or len(spec) != 2:
-        raise ParamsError(f"'{where}' must be a range [low, high], not {spec!r}")
-    low, high = (field.check(where, v) for v in spec)
-    if low > high:
-        raise ParamsError(f"'{where}' has low {low} > high {high}")
-    if log and low <= 0:
-        raise ParamsError(f"'{where}' is sampled on a log scale, so low must be > 0 (got {low})")
-    return [low, high]
-
-
-TUNING: dict[str, Field] = {
-    "study_name": _f(str, "", "Optuna study name; empty: derived from the parameters, so other settings start another study"),
-    "storage": _f(str, "", "Optuna storage: empty (SQLite file in the run store), an RDB URL (sqlite:///…, "
-                  "postgresql://…, mysql://…) or journal:<file> for a journal file shared by processes"),
-    "n_trials": _f(int, 10, "finished (complete or pruned) trials the study should have; rerunning adds only the missing ones", low=1),
-    "trial_width": _f(int, 8, "ResNet18 width of the trial models (a cheap proxy of the final width)", low=1, high=1024),
-    "trial_epochs": _f(int, 6, "epochs of each trial when 'epochs' is not in the search space", low=1),
-    "sampler_startup_trials": _f(int, 4, "TPE: random trials before it models the search space", low=0),
-    "pruner": _f(str, "median", "early stopping of hopeless trials", choices=("median", "hyperband", "none")),
-    "pruner_startup_trials": _f(int, 3, "median pruner: trials that are never pruned", low=0),
-    "pruner_warmup_epochs": _f(int, 2, "epochs before a trial can be pruned", low=0),
-    "heartbeat_s": _f(int, 30, "RDB storage heartbeat; a trial silent for 2x this is marked failed (0: off)", low=0),
-    "enqueue_base": _f(bool, True, "run the base recipe (these params) as the first trial, a known-good starting point"),
-    "keep_base": _f(bool, True, "retrain the base recipe, not the best trial, unless the best trial is told apart from "
-                    "the base recipe's trial on the validation images (McNemar, p < 0.05): the top of a few noisy trials is "
-                    "often the luckiest; false: always the best trial"),
-    "search_space": Field(dict, {}, "keys to search: a list of choices or a [low, high] range each", validator=check_search_space),
-}
-
-
-def _check_seeds(key: str, value: Any) -> list[int]:
-    if not isinstance(value, list):
-        raise ParamsError(f"'{key}' must be a list of seeds (one run per seed), not {_bounded(repr(value))}")
-    seed = COMMON["seed"]
-    out = [seed.check(f"{key}[{i}]", v) for i, v in enumerate(value)]
-    if len(set(out)) != len(out):
-        raise ParamsError(f"'{key}' lists a seed twice: {_bounded(repr(value))}")
-    return out
-
-
-# ---------------------------------------------------------------- compression stages
-# A compression stage starts from a finished baseline run; the data it uses is the baseline's.
-STAGE: dict[str, Field] = {
-    **{k: COMMON[k] for k in ("profile", "seed", "device", "eval_batch_size", "measure_batch_size",
-                               "run_root", "reuse", "progress")},
-    "baseline": _f(str, "params/baseline.yaml", "params file of the 01_baseline run this stage starts from "
-                   "(looked up in the run store; the data and model come from it)"),
-    "baseline_seeds": Field(list, [], "replicate the stage's whole sweep from the baseline run of each of these "
-                            "training seeds (each one of the baseline's `seeds`), fine-tuning with that seed: the "
-                            "spread of every model over seeds; [] = from the baseline of `seed` only",
-                            validator=_check_seeds),
-    "speed_rounds": _f(int, 5, "rounds of interleaved CPU timing of the stage's models side by side at "
-                       "measure_batch_size (each model keeps the median of its batches)", low=1),
-}
-def check_distill(key: str, value: Any) -> dict[str, Any]:
-    """Knowledge distillation of a fine-tune: {} (off), or {alpha, temperature, teacher} (missing keys take
-    DISTILL_KEYS' defaults)."""
-    if value is None or value == {}:
-        return {}
-    if not isinstance(value, dict):
-        raise ParamsError(f"'{key}' must be a mapping of {', '.join(DISTILL_KEYS)} (or {{}}: off), not {_bounded(repr(value))}")
-    for k in value:
-        if k not in DISTILL_KEYS:
-            raise ParamsError(f"unknown key '{key}.{k}'" + _did_you_mean(k, DISTILL_KEYS)
-                              + f"; distillation takes {', '.join(DISTILL_KEYS)}")
-    return {k: f.check(f"{key}.{k}", value.get(k, f.default)) for k, f in DISTILL_KEYS.items()}
-
-
-DISTILL_KEYS: dict[str, Field] = {
-    "alpha": _f(float, 0.5, "weight of the teacher's soft targets in the loss: (1 − α)·CE + α·T²·KL", low=0.0, high=1.0),
-    "temperature": _f(float, 4.0, "softmax temperature of both models' logits in the KL term", low=0.0, high=100.0,
-                      low_open=True),
-    "teacher": _f(str, "baseline", "the teacher: 'baseline' (the baseline this stage starts from) or the params file "
-                  "of another finished baseline run (e.g. params/full.yaml)"),
-}
-# The recipe of any (re)training a stage does: the baseline's training keys except the architecture,
-# and eval_flip, which stays the baseline's so every accuracy is measured the same way; and distillation.
-FINETUNE: dict[str, Field] = {
-    **{k: f for k, f in TRAINING.items() if k not in ("width", "eval_flip")},
-    "distill": Field(dict, {}, "knowledge distillation from a teacher during the fine-tune: {} (off) or {alpha, "
-                     "temperature, teacher} (defaults 0.5, 4, 'baseline')", validator=check_distill),
-}
-
-# ---------------------------------------------------------------- chains of compression steps
-# A chain is a list of links, each a registered technique's kind, bare (`int8`) or with settings
-# (`{svd: {rank: 0.5}}`); a link's settings not given take the technique's defaults (its notebook's
-# default params file) and, for the seed, the stage's. `LINKS` holds each kind's settings schema; the
-# registry adds the schema of every technique registered later.
-SEEDS = Field(list, [], "training seeds: one run per seed (empty: the stage's `seed`)", validator=_check_seeds)
-# what a link that trains accepts besides its own settings: the fine-tuning recipe and its seed(s)
-LINK_TRAINING: dict[str, Field] = {**FINETUNE, "seed": COMMON["seed"], "seeds": SEEDS}
-
-QUANT_METHODS = ("fp16", "bf16", "int8", "binaryconnect", "qat")
-INT8_BACKENDS = ("x86", "fbgemm", "onednn", "qnnpack")
-BC_KEYS: dict[str, Field] = {
-    "init": _f(str, "pretrained", "start from the parent's trained weights or from scratch (its architecture, "
-               "random weights)", choices=("pretrained", "scratch")),
-    "layers": _f(str, "inner", "binarized layers: every conv/linear except the first conv and the last linear, "
-                 "or all of them", choices=("inner", "all")),
-    "mode": _f(str, "deterministic", "sign (sign(0) = +1) or stochastic (hard-sigmoid probability)",
-               choices=("deterministic", "stochastic")),
-    "scale": _f(bool, False, "multiply the signs by α = mean |w| per output channel (XNOR-Net)"),
-}
-BC_VARIANT_KEYS: dict[str, Field] = {**BC_KEYS, "epochs": TRAINING["epochs"], "lr": TRAINING["lr"], "seeds": SEEDS,
-                                     "distill": FINETUNE["distill"]}
-
-QAT_KEYS: dict[str, Field] = {
-    "weight_bits": _f(int, 4, "bits of every conv/linear weight (per output channel, symmetric, learned step)",
-                      choices=(8, 4, 3, 2)),
-    "act_bits": _f(int, 4, "bits of the activation entering every conv/linear layer (per tensor, learned step; "
-                   "unsigned after a ReLU)", choices=(8, 4)),
-    "first_last_bits": _f(int, 8, "bits of the first conv and the last linear, weights and input (the layers most "
-                          "sensitive to quantization)", choices=(8, 4)),
-    "calibration_images": _f(int, 512, "training images (not augmented) whose forward pass sets the initial steps",
-                             low=1, high=50_000),
-}
-QAT_VARIANT_KEYS: dict[str, Field] = {**QAT_KEYS, "epochs": TRAINING["epochs"], "lr": TRAINING["lr"], "seeds": SEEDS,
-                                      "distill": FINETUNE["distill"]}
-
-PRUNE_METHODS = ("l1", "ln_structured")
-PRUNE_KEYS: dict[str, Field] = {
-    "method": _f(str, "l1", "l1: unstructured L1 magnitude (masked weights); ln_structured: whole output channels "
-                 "with the lowest filter Ln norm, physically removed", choices=PRUNE_METHODS),
-    "scope": _f(str, "global", "global: one ranking over all chosen layers; layer: the same amount in each layer "
-                "(or channel group); sensitivity (l1): per-layer amounts derived from the sensitivity analysis",
-                choices=("global", "layer", "sensitivity")),
-    "schedule": _f(str, "oneshot", "oneshot: prune then fine-tune; iterative (l1): `steps` rounds of prune a little "
-                   "more, fine-tune, on a gradual (cubic) schedule, with the epochs split between them",
-                   choices=("oneshot", "iterative")),
-    "steps": _f(int, 3, "iterative schedule: prune/fine-tune rounds", low=1, high=100),
-    "norm": _f(int, 1, "ln_structured: n of the Ln norm that ranks filters (1 like the old scripts, or 2)", choices=(1, 2)),
-    "round_to": _f(int, 1, "ln_structured: channels kept per layer are rounded to a multiple of this (16 suits "
-                   "AVX-512 CPU kernels, which compute 16 channels at a time)", low=1, high=1024),
-    "include_stem": _f(bool, False, "also prune the first conv (3 input channels: little to gain, much to lose)"),
-    "include_fc": _f(bool, True, "l1: also prune the classifier (last linear)"),
-}
-
-SVD_KEYS: dict[str, Field] = {
-    "rank_rule": _f(str, "fraction", "how each layer's rank is chosen: a fixed rank, a fraction of the layer's "
-                    "full rank, or the share of singular-value energy kept", choices=("fixed", "fraction", "energy")),
-    "rank_multiple": _f(int, 1, "round every rank up to a multiple of this (CPU kernels compute channels in "
-                        "SIMD-wide blocks: 16 floats with AVX-512, 8 with AVX2; a smaller rank saves MACs, not time)",
-                        low=1, high=1024),
-    "include_stem": _f(bool, False, "also factorize the first conv (3 input channels: little to gain)"),
-    "include_1x1": _f(bool, False, "also factorize the 1x1 shortcut convs"),
-}
-
-
-def _fractions(low_open: bool, what: str) -> Callable[[str, Any], list[float]]:
-    """Validator of a list of distinct fractions in [0, 1) (or (0, 1) when `low_open`)."""
-    def check(key: str, value: Any) -> list[float]:
-        if not isinstance(value, list):
-            raise ParamsError(f"'{key}' must be a list of {what}, not {_bounded(repr(value))}")
-        for v in value:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < 1 if low_open else 0 <= v < 1):
-                raise ParamsError(f"'{key}' holds {v!r}; each of its {what} lies in {'(0' if low_open else '[0'}, 1)")
-        if len(set(value)) != len(value):
-            raise ParamsError(f"'{key}' lists a value twice: {_bounded(repr(value))}")
-        return [float(v) for v in value]
-    return check
-
-
-SENSITIVITY_AMOUNTS = Field(list, [0.5, 0.7, 0.9], "amounts at which each layer is pruned alone (no fine-tuning) for "
-                            "the sensitivity analysis on the validation split; empty: skip it",
-                            validator=_fractions(True, "amounts"))
-
-
-def _rank_value(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ParamsError(f"'{key}' = {_bounded(repr(value))}: a rank value is a number > 0 (a whole rank for rank_rule 'fixed', "
-                          f"a share in (0, 1] for 'fraction' and 'energy')")
-    return value
-
-
-# Settings of one link per kind; `required` keys have no default and must be given in the link.
-LINKS: dict[str, dict[str, Field]] = {
-    "fp16": {},
-    "bf16": {},
-    "int8": {"backend": _f(str, "x86", "quantized engine of the INT8 model (x86: fbgemm + oneDNN)", choices=INT8_BACKENDS),
-             "calibration_images": _f(int, 1024, "training images (not augmented) that calibrate the INT8 "
-                                      "activation ranges", low=1)},
-    "binaryconnect": {**BC_KEYS, **LINK_TRAINING},
-    "qat": {**QAT_KEYS, **LINK_TRAINING},
-    "prune": {**PRUNE_KEYS, "amount": _f(float, None, "share of the chosen weights zeroed (l1) or of the channels "
-                                         "removed (ln_structured), in [0, 1)", low=0.0, high=1.0, high_open=True,
-                                         required=True),
-              "sensitivity_amounts": SENSITIVITY_AMOUNTS, **LINK_TRAINING},
-    "svd": {**SVD_KEYS, "rank": Field(float, None, "the rank value under rank_rule", validator=_rank_value, required=True),
-            "mode": _f(str, "posttraining", "posttraining: factorize the trained parent, then fine-tune; scratch: "
-                       "train the same factorized architecture from random weights", choices=("posttraining", "scratch")),
-            **LINK_TRAINING},
-}
-
-
-def check_chain(key: str, value: Any) -> list[dict[str, dict[str, Any]]]:
-    """A chain of links: a list whose items are a kind (`int8`) or a one-key mapping {kind: {settings}};
-    returned as [{kind: {settings given}}]. A bare kind stands for a one-link chain, `none` for no link."""
-    if value is None or value == "none":
-        return []
-    if isinstance(value, (str, dict)):
-        value = [value]
-    if not isinstance(value, list):
-        raise ParamsError(f"'{key}' must be a list of steps (e.g. [int8] or [{{svd: {{rank: 0.5}}}}, int8]), not {_bounded(repr(value))}")
-    out = []
-    for i, item in enumerate(value):
-        where = f"{key}[{i}]"
-        if isinstance(item, str):
-            kind, given = item, {}
-        elif isinstance(item, dict) and len(item) == 1:
-            (kind, given), = item.items()
-            given = {} if given is None else given
-        else:
-            raise ParamsError(f"'{where}' must be a step kind or a mapping {{kind: {{settings}}}}, not {item!r}")
-        if kind not in LINKS:
-            raise ParamsError(f"'{where}' names unknown step {kind!r}" + _did_you_mean(kind, LINKS)
-                              + f"; known: {', '.join(LINKS)}")
-        fields = LINKS[kind]
-        if not isinstance(given, dict):
-            raise ParamsError(f"'{where}.{kind}' must be a mapping of its settings ({', '.join(fields) or 'none'}), "
-                              f"not {given!r}")
-        unknown = [k for k in given if k not in fields]
-        if unknown:
-            raise ParamsError(f"unknown key '{where}.{kind}.{unknown[0]}'" + _did_you_mean(unknown[0], fields)
-                              + f"; a {kind} step may set {', '.join(fields) or 'nothing'}")
-        missing = [k for k, f in fields.items() if f.required and k not in given]
-        if missing:
-            raise ParamsError(f"'{where}.{kind}' needs '{missing[0]}' ({fields[missing[0]].help})")
-        checked = {k: fields[k].check(f"{where}.{kind}.{k}", v) for k, v in given.items()}
-        if "seed" in checked and checked.get("seeds"):
-            raise ParamsError(f"'{where}.{kind}' sets both 'seed' and 'seeds'; give one")
-        out.append({kind: checked})
-    return out
-
-
-THEN = Field(object, [], "steps that follow each model made here, in order: a chain such as [int8], "
-             "[{svd: {rank: 0.5}}, int8] or [binaryconnect]; each link is its own run", validator=check_chain)
+_f = Field
+METHODS = registry.steps_of("03_quantization")  # 03's methods: the quantization techniques, in registration order
 
 
 def _variants(key: str, value: Any, fields: dict[str, Field]) -> list[dict[str, Any]]:
     """A list of mappings of `fields`' keys, each value checked like the key itself (missing keys stay missing)."""
     if not isinstance(value, list):
-        raise ParamsError(f"'{key}' must be a list of variants (mappings of {', '.join(fields)}), not {_bounded(repr(value))}")
+        raise ParamsError(f"'{key}' must be a list of variants (mappings of {', '.join(fields)}), not {bounded(repr(value))}")
     out = []
     for i, variant in enumerate(value):
         where = f"{key}[{i}]"
@@ -430,45 +33,50 @@ def _variants(key: str, value: Any, fields: dict[str, Field]) -> list[dict[str, 
             raise ParamsError(f"'{where}' must be a mapping of {', '.join(fields)}, not {variant!r}")
         unknown = [k for k in variant if k not in fields]
         if unknown:
-            raise ParamsError(f"unknown key '{where}.{unknown[0]}'" + _did_you_mean(unknown[0], fields)
+            raise ParamsError(f"unknown key '{where}.{unknown[0]}'" + did_you_mean(unknown[0], fields)
                               + f"; a variant may set {', '.join(fields)}")
         out.append({k: fields[k].check(f"{where}.{k}", v) for k, v in variant.items()})
     return out
 
 
+# A variant of 03 may set a technique's own keys and its fine-tuning epochs, lr, seeds and distillation.
+BC_VARIANT_KEYS: dict[str, Field] = {**binaryconnect.KEYS, **{k: FINETUNE[k] for k in ("epochs", "lr", "distill")},
+                                     "seeds": SEEDS}
+QAT_VARIANT_KEYS: dict[str, Field] = {**qat.KEYS, **{k: FINETUNE[k] for k in ("epochs", "lr", "distill")}, "seeds": SEEDS}
+
+
 def check_methods(key: str, value: Any) -> list[str]:
     if not isinstance(value, list) or not value:
-        raise ParamsError(f"'{key}' must be a non-empty list drawn from {', '.join(QUANT_METHODS)}, not {_bounded(repr(value))}")
+        raise ParamsError(f"'{key}' must be a non-empty list drawn from {', '.join(METHODS)}, not {bounded(repr(value))}")
     for v in value:
-        if v not in QUANT_METHODS:
-            raise ParamsError(f"'{key}' names unknown method {v!r}" + _did_you_mean(v, QUANT_METHODS)
-                              + f"; known: {', '.join(QUANT_METHODS)}")
+        if v not in METHODS:
+            raise ParamsError(f"'{key}' names unknown method {v!r}" + did_you_mean(v, METHODS)
+                              + f"; known: {', '.join(METHODS)}")
     if len(set(value)) != len(value):
-        raise ParamsError(f"'{key}' lists a method twice: {_bounded(repr(value))}")
+        raise ParamsError(f"'{key}' lists a method twice: {bounded(repr(value))}")
     return list(value)
 
 
 def check_bc_variants(key: str, value: Any) -> list[dict[str, Any]]:
     """A list of BinaryConnect variants; each a mapping of BC_VARIANT_KEYS (missing keys take the defaults,
     except epochs, lr and seeds, which fall back to the stage's)."""
-    return [{**{k: f.default for k, f in BC_KEYS.items()}, **v} for v in _variants(key, value, BC_VARIANT_KEYS)]
+    return [{**{k: f.default for k, f in binaryconnect.KEYS.items()}, **v} for v in _variants(key, value, BC_VARIANT_KEYS)]
 
 
 QUANTIZATION: dict[str, Field] = {
     "start": Field(object, [], "the model the methods are applied to: a chain of steps from the baseline (e.g. "
                    "[{prune: {method: ln_structured, scope: global, amount: 0.6, epochs: 10, lr: 0.001}}], each link "
                    "its own run, reused when finished); empty: the baseline itself", validator=check_chain),
-    "methods": Field(list, list(QUANT_METHODS), f"which methods to run, from {', '.join(QUANT_METHODS)}",
+    "methods": Field(list, list(METHODS), f"which methods to run, from {', '.join(METHODS)}",
                      validator=check_methods),
-    "int8_backend": LINKS["int8"]["backend"],
-    "calibration_images": LINKS["int8"]["calibration_images"],
+    "int8_backend": techniques.int8.CONFIG["backend"],
     "binaryconnect": Field(list, [{}], "BinaryConnect variants to train, each a mapping of "
                            + ", ".join(BC_VARIANT_KEYS) + " (epochs, lr and seeds default to the stage's)",
                            validator=check_bc_variants),
     "qat": Field(list, [{"weight_bits": 8, "act_bits": 8}, {"weight_bits": 4, "act_bits": 4}],
                  "quantization-aware training variants (LSQ), each a mapping of " + ", ".join(QAT_VARIANT_KEYS)
                  + " (epochs, lr and seeds default to the stage's)",
-                 validator=lambda key, value: [{**{k: f.default for k, f in QAT_KEYS.items()}, **v}
+                 validator=lambda key, value: [{**{k: f.default for k, f in qat.KEYS.items()}, **v}
                                                for v in _variants(key, value, QAT_VARIANT_KEYS)]),
 }
 
@@ -477,17 +85,17 @@ def check_ranks(key: str, value: Any) -> list[float]:
     """Rank values of a sweep: numbers > 0 (their meaning, and whether they must be whole or ≤ 1, depends
     on rank_rule, checked in `validate`)."""
     if not isinstance(value, list):
-        raise ParamsError(f"'{key}' must be a list of rank values, not {_bounded(repr(value))}")
+        raise ParamsError(f"'{key}' must be a list of rank values, not {bounded(repr(value))}")
     for v in value:
-        _rank_value(key, v)
+        svd._rank_value(key, v)
     if len(set(value)) != len(value):
-        raise ParamsError(f"'{key}' lists a value twice: {_bounded(repr(value))}")
+        raise ParamsError(f"'{key}' lists a value twice: {bounded(repr(value))}")
     return list(value)
 
 
 # One factorization recipe; the top-level keys are the defaults of every entry of `variants`.
 SVD_VARIANT: dict[str, Field] = {
-    **SVD_KEYS,
+    **svd.KEYS,
     "ranks": Field(list, [0.5, 0.25], "the sweep: rank values under rank_rule (fixed: whole ranks >= 1; "
                    "fraction and energy: in (0, 1])", validator=check_ranks),
     "then": THEN,
@@ -509,14 +117,6 @@ SVD: dict[str, Field] = {
 }
 
 
-def check_rank_values(where: str, rule: str, values: list) -> None:
-    for v in values:
-        if rule == "fixed" and (not isinstance(v, int) or v < 1):
-            raise ParamsError(f"{where}: rank value {v!r}: with rank_rule 'fixed' every value is a whole rank >= 1")
-        if rule in ("fraction", "energy") and not 0 < v <= 1:
-            raise ParamsError(f"{where}: rank value {v!r}: with rank_rule '{rule}' every value lies in (0, 1]")
-
-
 def _resolve_variants(values: dict[str, Any], keys) -> None:
     """Each variant completed by the top-level values of `keys` it does not set; no variants: the top level alone."""
     top = {k: values[k] for k in keys}
@@ -530,15 +130,15 @@ def _check_svd(values: dict[str, Any]) -> None:
         where = f"variant {i}" if len(values["variants"]) > 1 else "the recipe"
         if not v["ranks"]:
             raise ParamsError(f"{where}: 'ranks' must list at least one rank value")
-        check_rank_values(where, v["rank_rule"], v["ranks"])
-    check_rank_values("scratch_ranks", values["rank_rule"], values["scratch_ranks"])
+        svd.check_rank_values(where, v["rank_rule"], v["ranks"])
+    svd.check_rank_values("scratch_ranks", values["rank_rule"], values["scratch_ranks"])
 
 
 # One pruning recipe. The top-level keys are the defaults of every entry of `variants`.
 PRUNE_VARIANT: dict[str, Field] = {
-    **PRUNE_KEYS,
+    **prune.KEYS,
     "amounts": Field(list, [0.5], "the sweep: share of the chosen weights zeroed (l1) or of the channels removed "
-                     "(ln_structured), each in [0, 1)", validator=_fractions(False, "amounts")),
+                     "(ln_structured), each in [0, 1)", validator=fractions(False, "amounts")),
     "then": THEN,
     "epochs": _f(int, 5, "fine-tuning epochs after pruning (iterative: in total)", low=1, high=10_000),
     "lr": TRAINING["lr"],
@@ -556,27 +156,10 @@ PRUNING: dict[str, Field] = {
     **PRUNE_VARIANT,
     "variants": Field(list, [], "pruning recipes to run, each a mapping of the keys above (missing keys take the "
                       "top-level values); empty: the top-level keys are the one recipe", validator=check_prune_variants),
-    "sensitivity_amounts": SENSITIVITY_AMOUNTS,
+    "sensitivity_amounts": prune.SENSITIVITY_AMOUNTS,
     "curve_amounts": Field(list, [0.5, 0.8, 0.9], "amounts at which each method's accuracy right after pruning "
-                           "(no fine-tuning) is measured for the curves", validator=_fractions(False, "amounts")),
+                           "(no fine-tuning) is measured for the curves", validator=fractions(False, "amounts")),
 }
-
-
-def check_prune_link(where: str, v: dict[str, Any], sensitivity_amounts: list[float]) -> None:
-    """What spans keys of one pruning recipe (a variant, or a `prune` link)."""
-    if v["method"] == "ln_structured" and v["scope"] == "sensitivity":
-        raise ParamsError(f"{where}: scope 'sensitivity' derives per-layer amounts of weights; it works with method 'l1'")
-    if v["method"] == "ln_structured" and v["schedule"] == "iterative":
-        raise ParamsError(f"{where}: the iterative schedule is for method 'l1' (structured pruning here is one-shot)")
-    if v["schedule"] == "iterative" and v["epochs"] < v["steps"]:
-        raise ParamsError(f"{where}: {v['steps']} iterative steps need at least as many epochs, not {v['epochs']}")
-    if v["scope"] == "sensitivity":
-        if not sensitivity_amounts:
-            raise ParamsError(f"{where}: scope 'sensitivity' needs the sensitivity analysis: set 'sensitivity_amounts'")
-        amounts = v["amounts"] if "amounts" in v else [v["amount"]]
-        if max(amounts) > max(sensitivity_amounts):
-            raise ParamsError(f"{where}: amount {max(amounts)} exceeds the largest sensitivity amount "
-                              f"{max(sensitivity_amounts)}; per-layer amounts are derived only within the measured range")
 
 
 def _check_pruning(values: dict[str, Any]) -> None:
@@ -586,7 +169,7 @@ def _check_pruning(values: dict[str, Any]) -> None:
         where = f"variant {i} ({v['method']}, {v['scope']})" if len(values["variants"]) > 1 else "the recipe"
         if not v["amounts"]:
             raise ParamsError(f"{where}: 'amounts' must list at least one amount")
-        check_prune_link(where, v, values["sensitivity_amounts"])
+        prune.check_link(where, v, values["sensitivity_amounts"])
 
 
 # The groups 06 sorts models into, in table order: one per technique family; a model made by two or more
@@ -596,7 +179,7 @@ GROUPS = ("baseline", "quantization", "pruning", "factorization", "combination")
 
 def _subset(key: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
     if not isinstance(value, list) or any(v not in allowed for v in value) or len(set(value)) != len(value):
-        raise ParamsError(f"'{key}' must list distinct values of {', '.join(allowed)}, not {_bounded(repr(value))}")
+        raise ParamsError(f"'{key}' must list distinct values of {', '.join(allowed)}, not {bounded(repr(value))}")
     return list(value)
 
 
@@ -618,7 +201,7 @@ SUMMARY: dict[str, Field] = {
                "predictions against the PyTorch model's, and time it in ONNX Runtime beside eager PyTorch"),
     "onnx_agreement": _f(float, 99.0, "an exported float model whose predicted classes match its PyTorch model's on "
                          "fewer than this % of test images is flagged", low=0.0, high=100.0),
-    "onnx_agreement_int8": _f(float, 98.0, "the same for an INT8 model (ONNX Runtime's int8 kernels round "
+    "onnx_agreement_quantized": _f(float, 98.0, "the same for an integer-quantized model (ONNX Runtime's int8 kernels round "
                               "differently from PyTorch's)", low=0.0, high=100.0),
     "max_drop": _f(float, 2.0, "'best within': the largest test-accuracy loss (points) a model may have against the "
                    "baseline to compete on cost", low=0.0, high=100.0),
@@ -634,7 +217,7 @@ CROSS_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"svd": _check_svd, 
 # The baseline's replicates: the same recipe and data split, other training seeds (each its own run).
 BASELINE_SEEDS = Field(list, [], "training seeds of replicate baselines (the split stays that of `seed`; each its "
                        "own run): the spread of the recipe over seeds, which every Δ of the summary is read against. "
-                       "`seed` itself is always trained, and the stages start from it", validator=_check_seeds)
+                       "`seed` itself is always trained, and the stages start from it", validator=check_seeds)
 
 SCHEMAS: dict[str, dict[str, Field]] = {
     "baseline": {**COMMON, **TRAINING, **REPORTING, "seeds": BASELINE_SEEDS},
@@ -655,10 +238,6 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     },
 }
 
-# Keys that do not change what a run computes, so they are left out of its identity (hash).
-# A baseline's `seeds` lists its replicates; each run is keyed by its own training seed (`train.run_params`).
-NOT_IN_IDENTITY = frozenset({"run_root", "reuse", "progress", "sample_images", "profile", "seeds"})
-
 
 def defaults(stage: str) -> dict[str, Any]:
     return {k: copy.deepcopy(f.default) for k, f in _schema(stage).items()}
@@ -672,18 +251,7 @@ def _schema(stage: str) -> dict[str, Field]:
 
 def validate(values: Mapping[str, Any], stage: str) -> dict[str, Any]:
     """Check `values` against the stage's schema; return the full parameter set (defaults filled in)."""
-    schema = _schema(stage)
-    if not isinstance(values, Mapping):
-        raise ParamsError(f"parameters must be a mapping of key: value, not {type(values).__name__}")
-    unknown = [k for k in values if k not in schema]
-    if unknown:
-        lines = []
-        for k in unknown:
-            lines.append(f"unknown parameter '{k}'" + _did_you_mean(k, schema))
-        raise ParamsError("; ".join(lines) + f". Allowed keys for stage '{stage}': {', '.join(sorted(schema))}")
-    # defaults pass the same checks, so list/dict values are always in their normalized form
-    out = {key: field.check(key, values[key] if key in values else copy.deepcopy(field.default))
-           for key, field in schema.items()}
+    out = check_all(values, _schema(stage), stage)
     if stage in CROSS_CHECKS:
         CROSS_CHECKS[stage](out)
     from . import resources  # sizes whose allocation cannot succeed here: refused now, not after minutes of work
@@ -748,90 +316,12 @@ def infer_stage(path: str | Path) -> str:
     return named[0] if len(named) == 1 else min(fits)[1] if fits else min(closest)[2]
 
 
-MAX_PARAMS_BYTES = 1_000_000  # a params file is a page of settings; a larger one is refused before parsing
-
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader without anchors and aliases: nested aliases expand without bound when the value is
-    later walked (a 438-byte file became gigabytes), and a params file has no need of them."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.events.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted in a params file: "
-                                              "write the value out", event.start_mark)
-        return super().compose_node(parent, index)
-
-
-class _NoAliasDumper(yaml.SafeDumper):
-    def ignore_aliases(self, data):  # a value used twice is written twice: the files stay readable by `read_yaml`
-        return True
-
-
-def dump_yaml(values: Mapping[str, Any], sort_keys: bool = True) -> str:
-    """YAML text of a params mapping that `read_yaml` reads back: no anchors or aliases (PyYAML's safe_dump writes
-    `&id001`/`*id001` for a list or mapping that appears twice)."""
-    return yaml.dump(dict(values), Dumper=_NoAliasDumper, sort_keys=sort_keys)
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping of a params file, read safely: a bounded size, UTF-8 text, no aliases, bounded nesting; any
-    other file is a one-line ParamsError naming it."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:  # at most one byte past the limit: a symlink to an endless file ends here
-            raw = f.read(MAX_PARAMS_BYTES + 1)
-    except OSError as e:
-        raise ParamsError(f"cannot read params file {path}: {e.strerror}") from None
-    if len(raw) > MAX_PARAMS_BYTES:
-        raise ParamsError(f"params file {path} is larger than {MAX_PARAMS_BYTES:,} bytes: not a params file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ParamsError(f"params file {path} is not UTF-8 text (byte {e.start}): not a params file") from None
-    try:
-        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise ParamsError(f"params file {path} is not valid YAML: {_bounded(str(e))}") from None
-    except RecursionError:
-        raise ParamsError(f"params file {path} is nested too deeply: not a params file") from None
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        raise ParamsError(f"params file {path} must hold a mapping of key: value, not {type(doc).__name__}")
-    return doc
-
-
-def _bounded(text: str, limit: int = 300) -> str:
-    """`text` cut to `limit` characters: an error message quotes a value, never a whole file."""
-    return text if len(text) <= limit else text[:limit] + f"… ({len(text):,} characters)"
-
-
-# Names IPython puts in a notebook's namespace; everything else defined before the first import
-# of resnet_lab is a parameter (from the `parameters` cell or papermill's injected cell).
-_IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "open"})
-
-
 def from_notebook(namespace: Mapping[str, Any], stage: str) -> dict[str, Any]:
     """Collect the notebook's parameters (its parameters cell plus papermill's injected ones) and validate.
 
     Call it right after the parameters cell, before defining other names, so that a misspelled
     key injected by papermill is caught instead of silently ignored.
     """
-    values = {
-        k: v
-        for k, v in namespace.items()
-        if not k.startswith("_") and k not in _IPYTHON_NAMES and isinstance(v, (bool, int, float, str, list, dict, type(None)))
-    }
-    return validate(values, stage)
+    return validate(notebook_values(namespace), stage)
 
 
-# Keys added after runs were stored, left out of a run's identity while they hold this value (off), so the runs
-# stored before them keep their keys.
-ADDED_OFF = {"distill": {}}
-
-
-def identity(values: Mapping[str, Any], ignore: Iterable[str] = NOT_IN_IDENTITY) -> dict[str, Any]:
-    """The part of a parameter set that decides what a run computes."""
-    return {k: v for k, v in sorted(values.items())
-            if k not in set(ignore) and not (k in ADDED_OFF and v == ADDED_OFF[k])}

@@ -75,7 +75,7 @@ def check(values: dict[str, Any], model: dict[str, Any]) -> None:
     `model`: the `width`, `data` and synthetic sizes of the model the run trains or evaluates (the values
     themselves for a baseline, its baseline's for a stage); a key it lacks is assumed at its least demanding
     (width 1, the largest CIFAR-10 split), so the need stays a lower bound."""
-    from .params import ParamsError
+    from .config import ParamsError
 
     ram = memory_bytes()
     if not ram:

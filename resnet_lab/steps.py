@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import baselines as baseline_mod
 from . import data as data_mod
 from . import metrics, models, registry, runs, stats, train
 from . import params as params_mod
+from .registry import Made  # noqa: F401  (what a technique's `make` returns; tests build it from here)
 
 if TYPE_CHECKING:  # tables are built on demand; pandas is imported there
     import pandas as pd
@@ -86,18 +88,6 @@ class Model:
 
 
 @dataclass
-class Made:
-    """What a technique's `make` computed: the model to save, its arch record, the test accuracy right after
-    the transform (before fine-tuning; None for a step that does not fine-tune), the fine-tuning history,
-    and fields of its own for the row."""
-    model: nn.Module
-    arch: dict
-    before: float | None = None
-    history: list[dict] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class Step:
     """What a technique's `make` receives: the stage context, the parent model, the link's settings, its run."""
     ctx: "Context"
@@ -132,7 +122,7 @@ class Result:
     bases: dict[str, Model] = field(default_factory=dict)  # the baselines of replicates (run key -> root)
 
     @property
-    def baseline(self) -> train.BaselineResult:
+    def baseline(self) -> baseline_mod.BaselineResult:
         return self.ctx.base
 
     def add(self, *made: Model) -> None:
@@ -188,13 +178,13 @@ class Context:
 
     def __init__(self, p: dict[str, Any], train_seed: int | None = None):
         self.p = p
-        self.base, self.bp = train.trained_baseline(p["baseline"], p, train_seed)
+        self.base, self.bp = baseline_mod.trained(p["baseline"], p, train_seed)
         self.dataset = self.base.dataset
         self.store = runs.RunStore(p["run_root"])
         self.device = train.pick_device(p["device"])
         self.root = self._root()
         self.read: list[str] = [self.root.ref]  # every run read or made, for the report's up-to-date check
-        replicates = train.replicate_runs(p["baseline"], p)
+        replicates = baseline_mod.replicate_runs(p["baseline"], p)
         self.read += [f"{r.stage}/{r.key}" for r in replicates.values()]
         # the baseline's test accuracy over its training seeds: the seed noise every Δ is read against
         self.baseline_spread = stats.spread([r.metrics["test_acc"] for r in replicates.values()] or
@@ -238,7 +228,7 @@ class Context:
 
         if name == "baseline":
             return copy.deepcopy(self.root.model)
-        result, _ = train.trained_baseline(name, self.p)
+        result, _ = baseline_mod.trained(name, self.p)
         self.read.append(f"{result.run.stage}/{result.run.key}")
         return result.model
 
@@ -413,12 +403,13 @@ def replicated(p: dict[str, Any], one: Callable[[Context, bool], Result]) -> Res
 
 
 def link_settings(kind: str, given: dict[str, Any], p: dict[str, Any]) -> dict[str, Any]:
-    """A link's complete settings: the technique's own defaults (its notebook's default params file), then, for a
-    technique that fine-tunes, the stage's fine-tuning recipe (its top-level keys in `p`), then what the link
-    gives (its seed aside: see `Context.links`)."""
+    """A link's complete settings, one merge for every technique: its own defaults (`config`), the settings it
+    takes from the stage's params (`inherit`), for a technique that fine-tunes the stage's fine-tuning recipe (its
+    top-level keys in `p`), then what the link gives (its seed aside: see `Context.links`)."""
     tech = registry.get(kind)
+    inherited = {k: p[key] for k, key in tech.inherit.items() if key in p}
     recipe = {k: p[k] for k in params_mod.FINETUNE} if tech.trains else {}
-    return {**tech.defaults(), **recipe, **{k: v for k, v in given.items() if k not in ("seed", "seeds")}}
+    return {**tech.defaults(), **inherited, **recipe, **{k: v for k, v in given.items() if k not in ("seed", "seeds")}}
 
 
 def measure(model: nn.Module, pruned_from: nn.Module | None, root: nn.Module) -> dict[str, Any]:

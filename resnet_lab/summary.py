@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 import numpy as np
 
-from . import export, layer_times, metrics, params, registry, runs, stats, steps, train
+from . import baselines, export, layer_times, metrics, params, registry, runs, stats, steps, train
 
 IN_TABLE = "in the table"
 ACC, VAL, DELTA, SIZE, MACS = steps.ACC, steps.VAL, steps.DELTA, steps.SIZE, steps.MACS
@@ -29,12 +29,12 @@ GROUPS = params.GROUPS
 ACC_TOLERANCE = 0.25
 PYTORCH, ORT = export.PYTORCH, export.ORT
 AGREEMENT = "ONNX agreement (%)"
-STABILITY = "INT8 model vs itself, input noise (%)"  # export.stability: what single rounding steps decide
+STABILITY = "quantized model vs itself, input noise (%)"  # export.stability: what single rounding steps decide
 
 
 @dataclass
 class Summary:
-    reference: train.BaselineResult
+    reference: baselines.BaselineResult
     latency_col: str
     throughput_col: str
     rows: list[dict[str, Any]] = field(default_factory=list)    # one per usable model, recomputed
@@ -59,7 +59,7 @@ def run(p: dict) -> Summary:
     """Read every run of `p['run_root']`, rebuild and measure each model made on the data of the reference
     baseline (`p['baseline']`), then time them all on the CPU side by side. Which kinds of run hold a model, and
     how to load it, is the registry's knowledge; nothing here names a technique."""
-    base, bp = train.trained_baseline(p["baseline"], p)
+    base, bp = baselines.trained(p["baseline"], p)
     out = Summary(base, f"CPU latency (ms, batch {p['latency_batch_size']})",
                   f"CPU throughput (img/s, batch {p['measure_batch_size']})")
     reader = _Reader(p, bp, base, out)
@@ -125,7 +125,7 @@ def _judge(out: Summary) -> None:
 
 
 class _Reader:
-    def __init__(self, p: dict, bp: dict, base: train.BaselineResult, out: Summary):
+    def __init__(self, p: dict, bp: dict, base: baselines.BaselineResult, out: Summary):
         self.p, self.bp, self.base, self.out = p, bp, base, out
         self.store = runs.RunStore(p["run_root"])
         self.baselines: dict[str, nn.Module] = {base.run.key: base.model.eval()}
@@ -205,7 +205,7 @@ class _Reader:
 
     def _baseline(self, run: runs.Run) -> nn.Module:
         if run.key not in self.baselines:
-            self.baselines[run.key] = train.load_model(run)
+            self.baselines[run.key] = baselines.load_model(run)
         return self.baselines[run.key]
 
     def _replicate(self, origin: runs.Run) -> int | None:
@@ -477,7 +477,7 @@ def onnx_table(s: Summary, p: dict) -> pd.DataFrame:
             rows.append({"model": name, "ONNX file": "not exported: " + s.onnx_errors.get(name, "onnx is off")})
             continue
         need = _required(e, p)
-        rows.append({"model": name, "ONNX file": str(e.path), "graph": "int8 QDQ" if e.quantized else "float32",
+        rows.append({"model": name, "ONNX file": str(e.path), "graph": "quantized (QDQ)" if e.quantized else "float32",
                      "file (KB)": e.size_kb, AGREEMENT: e.agreement, "required (%)": need,
                      STABILITY: e.stability if e.stability is not None else float("nan"),
                      "check": "ok" if e.agreement >= need else f"FLAGGED: below {need:g}%",
@@ -489,8 +489,8 @@ def onnx_table(s: Summary, p: dict) -> pd.DataFrame:
 
 
 def _required(e: export.Exported, p: dict) -> float:
-    """The agreement an exported model must reach: `onnx_agreement_int8` for an int8 graph, else `onnx_agreement`."""
-    return p["onnx_agreement_int8"] if e.quantized else p["onnx_agreement"]
+    """The agreement an exported model must reach: `onnx_agreement_quantized` for a quantized graph, else `onnx_agreement`."""
+    return p["onnx_agreement_quantized"] if e.quantized else p["onnx_agreement"]
 
 
 def engine_speedups(s: Summary, df: pd.DataFrame) -> pd.DataFrame:
@@ -518,7 +518,7 @@ def flagged(s: Summary, p: dict) -> list[str]:
             out.append(f"{name}: its ONNX file agrees with the PyTorch model on {e.agreement:.2f}% of the "
                        f"{e.images} test images, below {need:g}% ({e.path})"
                        + (f"; the PyTorch model itself keeps its prediction on {e.stability:.2f}% of them when its "
-                          f"input moves by noise of {export.NOISE_LEVELS:g} pixel levels, so its int8 rounding, which "
+                          f"input moves by noise of {export.NOISE_LEVELS:g} pixel levels, so its integer rounding, which "
                           "ONNX Runtime's kernels do differently, decides the rest" if e.stability is not None else ""))
     return out
 

@@ -26,11 +26,11 @@ def stage_params(file, stage, root, **changes):
 
 def smoke_baseline(root):
     """Train the smoke baseline into the run store `root` (for module-scoped stores of the step tests)."""
-    from resnet_lab import train
+    from resnet_lab import baselines
 
     bp = params.load(PARAMS / "smoke.yaml", "baseline")
     bp.update(run_root=str(root), progress=False)
-    return train.baseline(bp)
+    return baselines.train(bp)
 
 
 @pytest.fixture

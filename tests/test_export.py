@@ -8,7 +8,8 @@ import onnx
 import pytest
 import torch
 
-from resnet_lab import data, export, factorize, models, prune, quantize, runs
+from resnet_lab import data, export, models, runs
+from resnet_lab import techniques as T
 
 from conftest import ROOT
 
@@ -31,13 +32,13 @@ def _ort_logits(model, x, tmp_path):
 
 def _float_models(net):
     binarized, bc = copy.deepcopy(net), models.resnet18(8).eval()
-    quantize.binarize(binarized, "inner", "deterministic", scale=True)
-    bc.load_state_dict(quantize.plain_state(binarized))
+    T.binaryconnect.binarize(binarized, "inner", "deterministic", scale=True)
+    bc.load_state_dict(T.binaryconnect.plain_state(binarized))
     sparse = copy.deepcopy(net)
-    prune.unstructured(sparse, 0.8)
-    return {"float": net, "unstructured 80%": prune.make_permanent(sparse),
-            "compact structured 50%": prune.structured(net, 0.5)[0].eval(),
-            "SVD 0.25": factorize.svd(net, "fraction", 0.25)[0].eval(), "BinaryConnect": bc.eval()}
+    T.prune.unstructured(sparse, 0.8)
+    return {"float": net, "unstructured 80%": T.prune.make_permanent(sparse),
+            "compact structured 50%": T.prune.structured(net, 0.5)[0].eval(),
+            "SVD 0.25": T.svd.svd(net, "fraction", 0.25)[0].eval(), "BinaryConnect": bc.eval()}
 
 
 @pytest.mark.parametrize("batch", [1, 5])
@@ -54,7 +55,7 @@ def test_float_models_run_in_onnx_runtime_as_in_pytorch_at_any_batch_size(net, t
 
 def test_a_half_model_exports_as_the_float32_graph_of_its_rounded_weights(net, tmp_path):
     for dtype in (torch.float16, torch.bfloat16):
-        half = quantize.half(net, dtype)
+        half = T.half.half(net, dtype)
         graph = export.graph_of(half)
         w = graph.conv1.weight
         assert w.dtype == torch.float32 and torch.equal(w, net.conv1.weight.to(dtype).float())
@@ -67,7 +68,7 @@ def test_a_half_model_exports_as_the_float32_graph_of_its_rounded_weights(net, t
 def test_an_int8_model_exports_as_a_qdq_graph_with_its_own_scales(net, tmp_path):
     torch.manual_seed(2)
     images = (torch.rand(64, 3, 32, 32) * 255).to(torch.uint8)
-    q = quantize.int8(net, data.Batches(data.Split(images, torch.zeros(64, dtype=torch.long)), 32, "cpu"), "x86")
+    q = T.int8.quantize(net, data.Batches(data.Split(images, torch.zeros(64, dtype=torch.long)), 32, "cpu"), "x86")
     assert export.is_quantized(q) and not export.is_quantized(net)
     proto = onnx.load_from_string(export.to_bytes(q))
     ops = {n.op_type for n in proto.graph.node}
@@ -96,7 +97,7 @@ def test_stability_counts_the_predictions_that_input_noise_changes(net, tmp_path
     for c in range(3):
         assert noise[:, c].std().item() == pytest.approx(2.0 / (255 * data.STD[c]), rel=0.02)
     assert torch.equal(noise, export._Jitter(torch.nn.Identity(), 2.0)(x))  # a fixed seed: repeatable
-    q = quantize.int8(net, data.Batches(test, 16, "cpu"), "x86")
+    q = T.int8.quantize(net, data.Batches(test, 16, "cpu"), "x86")
     store = runs.RunStore(tmp_path / "runs")
     run = store.run("int8", {"x": 1})
     q_reference = export.predict(q, test, 16, False).argmax(1)

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_lab import factorize, metrics, models, params, steps, train
+from resnet_lab import baselines, metrics, models, params, steps, train
+from resnet_lab import techniques as T
 from resnet_lab.stages import factorization
 
 from conftest import PARAMS
@@ -13,7 +14,7 @@ from conftest import PARAMS
 def test_full_rank_factorization_reproduces_the_layer(stride, padding, dilation, bias):
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 10, 3, stride=stride, padding=padding, dilation=dilation, bias=bias)
-    pair = factorize.split(conv, factorize.full_rank(conv))
+    pair = T.svd.split(conv, T.svd.full_rank(conv))
     x = torch.randn(2, 6, 9, 9)
     assert torch.allclose(pair(x), conv(x), atol=1e-4)
     assert pair[0].stride == conv.stride and pair[0].padding == conv.padding and pair[0].dilation == conv.dilation
@@ -25,8 +26,8 @@ def test_full_rank_factorization_keeps_the_network_predictions():
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
-        for name, conv in factorize.candidates(model, include_stem=True, include_1x1=True):
-            model.set_submodule(name, factorize.split(conv, factorize.full_rank(conv)))
+        for name, conv in T.svd.candidates(model, include_stem=True, include_1x1=True):
+            model.set_submodule(name, T.svd.split(conv, T.svd.full_rank(conv)))
         out = model(x)
     assert torch.allclose(out, ref, atol=1e-4) and torch.equal(out.argmax(1), ref.argmax(1))
 
@@ -34,8 +35,8 @@ def test_full_rank_factorization_keeps_the_network_predictions():
 def test_params_and_macs_of_a_factorized_layer_match_the_formula():
     conv = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=True)
     r = 5
-    pair = factorize.split(conv, r)
-    assert metrics.count_params(pair) == r * (8 * 9 + 16) + 16 == factorize.factorized_params(conv, r)
+    pair = T.svd.split(conv, r)
+    assert metrics.count_params(pair) == r * (8 * 9 + 16) + 16 == T.svd.factorized_params(conv, r)
     h_out = w_out = 4  # 8x8 input, stride 2
     assert metrics.count_macs(pair, (1, 8, 8, 8))["macs"] == h_out * w_out * (r * 8 * 9 + 16 * r)
 
@@ -54,28 +55,28 @@ def _conv_with_singular_values(values):
 @pytest.mark.parametrize("energy, rank", [(0.5, 1), (0.53, 1), (0.54, 2), (0.8, 2), (0.9, 3), (0.97, 4), (1.0, 4)])
 def test_energy_rule_picks_the_smallest_rank_reaching_the_energy(energy, rank):
     conv = _conv_with_singular_values([4.0, 3.0, 2.0, 1.0])  # energy shares 16, 25, 29, 30 of 30
-    assert factorize.choose_rank(conv, "energy", energy) == rank
+    assert T.svd.choose_rank(conv, "energy", energy) == rank
 
 
 def test_fixed_and_fraction_rules_clamp_and_round_to_the_multiple():
     conv = nn.Conv2d(64, 128, 3)  # full rank min(128, 576) = 128
-    assert factorize.choose_rank(conv, "fixed", 500) == 128
-    assert factorize.choose_rank(conv, "fixed", 5) == 5
-    assert factorize.choose_rank(conv, "fraction", 0.25) == 32
-    assert factorize.choose_rank(conv, "fraction", 0.1) == 13  # rounded up
-    assert factorize.choose_rank(conv, "fraction", 0.1, multiple=16) == 16
-    assert factorize.choose_rank(conv, "fixed", 120, multiple=16) == 128  # never above the full rank
+    assert T.svd.choose_rank(conv, "fixed", 500) == 128
+    assert T.svd.choose_rank(conv, "fixed", 5) == 5
+    assert T.svd.choose_rank(conv, "fraction", 0.25) == 32
+    assert T.svd.choose_rank(conv, "fraction", 0.1) == 13  # rounded up
+    assert T.svd.choose_rank(conv, "fraction", 0.1, multiple=16) == 16
+    assert T.svd.choose_rank(conv, "fixed", 120, multiple=16) == 128  # never above the full rank
 
 
 def test_layers_that_would_not_save_parameters_are_left_alone():
     model = models.resnet18(8)
-    same, ranks, skipped = factorize.svd(model, "fraction", 1.0)
+    same, ranks, skipped = T.svd.svd(model, "fraction", 1.0)
     assert ranks == {} and len(skipped) == 16  # every 3x3 conv but the stem: 2 per block x 8 blocks
-    small, ranks, skipped = factorize.svd(model, "fraction", 0.25)
+    small, ranks, skipped = T.svd.svd(model, "fraction", 0.25)
     assert skipped == [] and len(ranks) == 16
     assert metrics.count_params(small) < metrics.count_params(model) / 2
     assert "conv1" not in ranks and not any("shortcut" in n for n in ranks)
-    rebuilt = models.build(factorize.arch(models.arch_of(model), small, ranks))
+    rebuilt = models.build(T.svd.arch(models.arch_of(model), small, ranks))
     assert [tuple(t.shape) for t in rebuilt.state_dict().values()] == [tuple(t.shape) for t in small.state_dict().values()]
 
 
@@ -99,7 +100,7 @@ def test_svd_params_are_checked_before_any_work(values, expect):
 def test_stage_factorizes_fine_tunes_trains_from_scratch_then_reuses(tmp_path, monkeypatch):
     bp = params.load(PARAMS / "smoke.yaml", "baseline")
     bp.update(run_root=str(tmp_path), progress=False)
-    train.baseline(bp)
+    baselines.train(bp)
     p = params.load(PARAMS / "svd_smoke.yaml", "svd")
     p.update(run_root=str(tmp_path), progress=False)
     result = factorization.run(p)

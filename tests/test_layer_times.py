@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_lab import layer_times, metrics, models, quantize
+from resnet_lab import layer_times, metrics, models
+from resnet_lab import techniques as T
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_an_int8_model_shows_its_quantize_and_dequantize(net):
     from resnet_lab.data import Split, Batches
 
     x = torch.randn(16, 3, 32, 32)
-    q = quantize.int8(copy.deepcopy(net), Batches(Split(x, torch.zeros(16, dtype=torch.long)), 8, "cpu"), "x86")
+    q = T.int8.quantize(copy.deepcopy(net), Batches(Split(x, torch.zeros(16, dtype=torch.long)), 8, "cpu"), "x86")
     prof = layer_times.profile(q, 2, rounds=1, repeats=2, cost=0.5)
     assert prof.categories[layer_times.CONVERT] > 0
     assert {r["kind"] for r in prof.layers} >= {"conv · stem", "conv · stage 4", "linear"}

@@ -87,7 +87,7 @@ def test_report_builds_index_and_html_then_reuses_everything(smoke_reports, caps
                  "not judged here", "Every run in the store", "FP16", "L1 structured, layer, 50% of channels",
                  "combination", "L1 unstructured, global, 50% → FP16",
                  "SVD 0.25 of full rank (from scratch)", "Deployed: ONNX Runtime beside eager PyTorch",
-                 "Test accuracy vs ONNX Runtime latency", "int8 QDQ"):
+                 "Test accuracy vs ONNX Runtime latency", "quantized (QDQ)"):
         assert text in summary_html, text
     assert "%, recomputed " not in summary_html  # every saved model reproduces the accuracy its run stored
     assert "href='06_summary.html'" in index and "models re-measured side by side" in index

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from resnet_lab import params
+from resnet_lab import techniques as T
 from resnet_lab.params import ParamsError
 
 from conftest import PARAMS, ROOT

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_lab import bench, metrics, models, packed, params, prune, quantize, runs, steps, train
+from resnet_lab import baselines, bench, metrics, models, packed, params, runs, steps, train
+from resnet_lab import techniques as T
 from resnet_lab.stages import pruning
 
 from conftest import PARAMS
@@ -32,8 +33,8 @@ def _zeros(model, names):
 # ---------------------------------------------------------------- unstructured
 def test_masked_weights_stay_zero_through_optimizer_steps_and_after_make_permanent():
     model = _net(4).train()
-    layers = prune.prunable(model)
-    prune.unstructured(model, 0.6, "global", layers)
+    layers = T.prune.prunable(model)
+    T.prune.unstructured(model, 0.6, "global", layers)
     masks = {n: m.weight_mask.clone() for n, m in layers}
     before = {n: m.weight_orig.detach().clone() for n, m in layers}
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
@@ -46,7 +47,7 @@ def test_masked_weights_stay_zero_through_optimizer_steps_and_after_make_permane
     for n, m in layers:
         assert torch.all(m.weight[masks[n] == 0] == 0)
         assert not torch.equal(m.weight_orig[masks[n] == 1], before[n][masks[n] == 1])  # the rest trained
-    prune.make_permanent(model)
+    T.prune.make_permanent(model)
     for n, m in layers:
         assert not hasattr(m, "weight_mask") and isinstance(m.weight, nn.Parameter)
         assert torch.all(m.weight[masks[n] == 0] == 0)
@@ -57,22 +58,22 @@ def test_masked_weights_stay_zero_through_optimizer_steps_and_after_make_permane
 @pytest.mark.parametrize("amount", [0.37, 0.8, 0.9])
 def test_global_pruning_reaches_the_requested_sparsity_over_the_chosen_layers_exactly(amount):
     model = _net(8)
-    layers = prune.prunable(model, include_stem=False, include_fc=True)
+    layers = T.prune.prunable(model, include_stem=False, include_fc=True)
     names = [n for n, _ in layers]
     total = sum(m.weight.numel() for _, m in layers)
-    prune.unstructured(model, amount, "global", layers)
+    T.prune.unstructured(model, amount, "global", layers)
     assert _zeros(model, names) == round(amount * total)
     assert _zeros(model, ["conv1"]) == 0  # the stem was not chosen
-    per_layer = {n: prune.sparsity(model, [n]) for n in names}
+    per_layer = {n: T.prune.sparsity(model, [n]) for n in names}
     assert max(per_layer.values()) - min(per_layer.values()) > 0.05  # one threshold: layers differ
 
 
 def test_layer_scope_and_repeated_calls_prune_each_layer_cumulatively():
     model = _net(8)
-    layers = prune.prunable(model, include_stem=True, include_fc=False)
-    prune.unstructured(model, 0.3, "layer", layers)
+    layers = T.prune.prunable(model, include_stem=True, include_fc=False)
+    T.prune.unstructured(model, 0.3, "layer", layers)
     first = {n: (m.weight == 0).clone() for n, m in layers}
-    prune.unstructured(model, 0.6, "layer", layers)
+    T.prune.unstructured(model, 0.6, "layer", layers)
     for n, m in layers:
         assert int((m.weight == 0).sum()) == round(0.6 * m.weight.numel())
         assert torch.all(m.weight[first[n]] == 0)  # earlier zeros stay
@@ -80,7 +81,7 @@ def test_layer_scope_and_repeated_calls_prune_each_layer_cumulatively():
 
 
 def test_gradual_schedule_rises_fast_then_slowly_to_the_target():
-    s = prune.gradual(0.9, 3)
+    s = T.prune.gradual(0.9, 3)
     assert s[-1] == pytest.approx(0.9) and s[0] < s[1] < s[2]
     assert s[0] > 0.9 / 3  # more than a linear share first
 
@@ -108,15 +109,15 @@ def test_micronet_score_of_dense_resnet18_is_the_course_reference():
             if isinstance(m, nn.BatchNorm2d):
                 m.bias.fill_(0.1)  # trained shifts are nonzero
     assert metrics.micronet(model)["micronet_score"] == pytest.approx(3.98, abs=0.01)
-    assert metrics.micronet(quantize.half(model))["micronet_score"] == pytest.approx(1.99, abs=0.01)
+    assert metrics.micronet(T.half.half(model))["micronet_score"] == pytest.approx(1.99, abs=0.01)
 
 
 # ---------------------------------------------------------------- sensitivity
 def test_sensitivity_prunes_one_layer_at_a_time_and_restores_it():
     model = _net(4)
-    ref = {n: m.weight.detach().clone() for n, m in prune.prunable(model, True, True)}
+    ref = {n: m.weight.detach().clone() for n, m in T.prune.prunable(model, True, True)}
     seen = []
-    acc = prune.sensitivity(model, ["layer1.0.conv1", "linear"], [0.5, 0.9],
+    acc = T.prune.sensitivity(model, ["layer1.0.conv1", "linear"], [0.5, 0.9],
                             lambda m: seen.append(_zeros(m, list(ref))) or float(len(seen)), progress=False)
     w = {"layer1.0.conv1": ref["layer1.0.conv1"].numel(), "linear": ref["linear"].numel()}
     assert seen == [round(0.5 * w["layer1.0.conv1"]), round(0.9 * w["layer1.0.conv1"]), round(0.5 * w["linear"]), round(0.9 * w["linear"])]
@@ -127,21 +128,21 @@ def test_sensitivity_prunes_one_layer_at_a_time_and_restores_it():
 def test_amounts_from_sensitivity_prune_robust_layers_more_and_hit_the_target():
     drops = {"robust": {0.5: 0.0, 0.9: 0.5, 0.98: 1.0}, "fragile": {0.5: 3.0, 0.9: 20.0, 0.98: 40.0}}
     sizes = {"robust": 1000, "fragile": 1000}
-    amounts = prune.amounts_from_sensitivity(drops, sizes, 0.6)
+    amounts = T.prune.amounts_from_sensitivity(drops, sizes, 0.6)
     assert amounts["robust"] > amounts["fragile"]
     assert (amounts["robust"] * 1000 + amounts["fragile"] * 1000) / 2000 == pytest.approx(0.6, abs=1e-6)
     assert max(amounts.values()) <= 0.98
     with pytest.raises(ValueError, match="larger sensitivity_amounts"):
-        prune.amounts_from_sensitivity(drops, sizes, 0.99)
+        T.prune.amounts_from_sensitivity(drops, sizes, 0.99)
 
 
 # ---------------------------------------------------------------- structured
 def test_compacted_model_has_the_planned_channels_and_the_masked_models_outputs(tmp_path):
     model = _net(8)
-    plan = prune.plan_channels(model, 0.5, norm=1, scope="layer", include_stem=True)
-    masked = prune.mask_channels(copy.deepcopy(model), plan)
-    compacted = prune.compact(masked)  # found from the zeros alone
-    planned = prune.remove_channels(copy.deepcopy(model), plan)
+    plan = T.prune.plan_channels(model, 0.5, norm=1, scope="layer", include_stem=True)
+    masked = T.prune.mask_channels(copy.deepcopy(model), plan)
+    compacted = T.prune.compact(masked)  # found from the zeros alone
+    planned = T.prune.remove_channels(copy.deepcopy(model), plan)
     for m in (compacted, planned):
         assert m.conv1.out_channels == m.layer1[0].conv1.in_channels == 4  # stem + layer1's residual stream
         assert m.layer1[0].conv1.out_channels == m.layer1[0].bn1.num_features == 4
@@ -166,9 +167,9 @@ def test_channel_plan_ranks_by_filter_norm_and_rounds_kept_channels_up():
     model = _net(16)
     with torch.no_grad():
         model.layer3[0].conv1.weight[[3, 7, 11]] *= 1e-3  # the weakest filters of a block-internal group
-    plan = prune.plan_channels(model, 3 / 64, norm=2, scope="layer")
+    plan = T.prune.plan_channels(model, 3 / 64, norm=2, scope="layer")
     assert plan["layer3.0.conv1"] == [3, 7, 11]
-    plan = prune.plan_channels(model, 0.3, scope="layer", round_to=16)
+    plan = T.prune.plan_channels(model, 0.3, scope="layer", round_to=16)
     kept = {name: model.get_submodule(name).out_channels - len(idxs) for name, idxs in plan.items()}
     assert kept and all(k % 16 == 0 for k in kept.values())
     assert all(k >= 0.7 * model.get_submodule(n).out_channels for n, k in kept.items())  # never more than asked
@@ -177,8 +178,8 @@ def test_channel_plan_ranks_by_filter_norm_and_rounds_kept_channels_up():
 
 def test_global_channel_plan_removes_the_requested_share_of_all_channels():
     model = _net(8)
-    plan = prune.plan_channels(model, 0.4, scope="global")
-    total = sum(len(prune._filter_norms(g, 1)) for g in prune._groups(model, prune._graph(model), False).values())
+    plan = T.prune.plan_channels(model, 0.4, scope="global")
+    total = sum(len(T.prune._filter_norms(g, 1)) for g in T.prune._groups(model, T.prune._graph(model), False).values())
     assert sum(len(i) for i in plan.values()) == round(0.4 * total)
     shares = [len(i) / model.get_submodule(n).out_channels for n, i in plan.items()]
     assert max(shares) - min(shares) > 0.05  # one ranking: groups lose different shares
@@ -187,9 +188,9 @@ def test_global_channel_plan_removes_the_requested_share_of_all_channels():
 # ---------------------------------------------------------------- packed files
 def test_packed_files_round_trip_exactly_and_store_sparse_and_binary_tensors_small(tmp_path):
     model = _net(16)
-    layers = prune.prunable(model)
-    prune.unstructured(model, 0.8, "global", layers)
-    prune.make_permanent(model)
+    layers = T.prune.prunable(model)
+    T.prune.unstructured(model, 0.8, "global", layers)
+    T.prune.make_permanent(model)
     arch = models.arch_of(model)
     dense_size = packed.nbytes(_net(16).state_dict(), arch)
     sparse_path = packed.save(model.state_dict(), tmp_path / "sparse.pt", arch)
@@ -197,41 +198,41 @@ def test_packed_files_round_trip_exactly_and_store_sparse_and_binary_tensors_sma
     assert arch2 == arch and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert sparse_path.stat().st_size < 0.3 * dense_size  # 20% of the values + 1 bit per weight
 
-    half = quantize.half(model)
+    half = T.half.half(model)
     path = packed.save_model(half, tmp_path / "half.pt", {**arch, "precision": "float16"})
     loaded = packed.load_model(path)
     ref = half.model.state_dict()
     assert all(torch.equal(t, ref[k]) for k, t in loaded.model.state_dict().items())
     assert path.stat().st_size < 0.6 * sparse_path.stat().st_size
 
-    quantize.binarize(model, keep_zeros=True)
-    quantize.save_binary(model, tmp_path / "bc.pt", arch)
+    T.binaryconnect.binarize(model, keep_zeros=True)
+    T.binaryconnect.save(model, tmp_path / "bc.pt", arch)
     assert (tmp_path / "bc.pt").stat().st_size < dense_size / 20
 
 
 def test_binaryconnect_on_a_pruned_model_keeps_its_zeros_and_exports_exactly(tmp_path):
     model = _net(8).train()
-    layers = prune.prunable(model)
-    prune.unstructured(model, 0.7, "global", layers)
-    prune.make_permanent(model)
+    layers = T.prune.prunable(model)
+    T.prune.unstructured(model, 0.7, "global", layers)
+    T.prune.make_permanent(model)
     zero = {n: (m.weight == 0).clone() for n, m in layers}
-    names = quantize.binarize(model, "inner", keep_zeros=True)
+    names = T.binaryconnect.binarize(model, "inner", keep_zeros=True)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(2):
         loss = model(torch.randn(8, 3, 32, 32)).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        quantize.clip_(model)
+        T.binaryconnect.clip_(model)
     model.eval()
     for n in names:
         w = model.get_submodule(n).weight
         assert torch.all(w[zero[n]] == 0) and set(w.unique().tolist()) <= {-1.0, 0.0, 1.0}
-    path = quantize.save_binary(model, tmp_path / "bc.pt", models.arch_of(model))
+    path = T.binaryconnect.save(model, tmp_path / "bc.pt", models.arch_of(model))
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(quantize.load_binary(path)(x), model(x))
-    assert metrics.bit_widths(quantize.load_binary(path))["weight_bits"] < 2  # ±1 with zeros counts 1 bit
+        assert torch.equal(T.binaryconnect.load(path)(x), model(x))
+    assert metrics.bit_widths(T.binaryconnect.load(path))["weight_bits"] < 2  # ±1 with zeros counts 1 bit
 
 
 def test_a_packed_file_of_another_kind_or_damaged_is_refused(tmp_path):
@@ -278,7 +279,7 @@ def test_variants_take_the_top_level_keys_they_leave_out():
 def test_stage_prunes_every_variant_then_reuses_them(tmp_path, monkeypatch):
     bp = params.load(PARAMS / "smoke.yaml", "baseline")
     bp.update(run_root=str(tmp_path), progress=False)
-    train.baseline(bp)
+    baselines.train(bp)
     p = params.load(PARAMS / "pruning_smoke.yaml", "pruning")
     p.update(run_root=str(tmp_path), progress=False)
     result = pruning.run(p)
@@ -290,7 +291,7 @@ def test_stage_prunes_every_variant_then_reuses_them(tmp_path, monkeypatch):
                           "L1 structured, layer, 50% of channels + KD (α 0.5, T 4)"]
     models_ = result.inference_models()
     base = rows["baseline (FP32)"]
-    chosen = [n for n, _ in prune.prunable(models_["baseline (FP32)"])]
+    chosen = [n for n, _ in T.prune.prunable(models_["baseline (FP32)"])]
     chosen_size = sum(models_["baseline (FP32)"].get_submodule(n).weight.numel() for n in chosen)
     for name in ("L1 unstructured, global, 50%", "L1 unstructured, global, 50%, 2 steps"):
         model = models_[name]  # reloaded from its packed file: the zeros are permanent

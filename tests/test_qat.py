@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_lab import metrics, models, packed, params, qat, runs, steps, train
+from resnet_lab import metrics, models, packed, params, registry, runs, steps, train
+from resnet_lab import techniques as T
 from resnet_lab.stages import pruning, quantization
 
 from conftest import smoke_baseline
@@ -17,8 +18,8 @@ def test_the_fake_quantizer_takes_at_most_2_to_the_bits_levels_per_channel(bits,
     torch.manual_seed(0)
     w = torch.randn(6, 3, 3, 3) * torch.linspace(0.1, 3, 6).view(6, 1, 1, 1)
     step = torch.linspace(0.01, 0.5, 6).view(6, 1, 1, 1)
-    out = qat.fake_quantize(w, step, bits, signed)
-    q_min, q_max = qat.levels(bits, signed)
+    out = T.qat.fake_quantize(w, step, bits, signed)
+    q_min, q_max = T.qat.levels(bits, signed)
     for c in range(6):
         codes = torch.round(out[c] / step[c])
         assert torch.equal(codes * step[c], out[c]) and codes.min() >= q_min and codes.max() <= q_max  # integer levels
@@ -29,7 +30,7 @@ def test_the_fake_quantizer_takes_at_most_2_to_the_bits_levels_per_channel(bits,
 def test_the_gradient_passes_straight_through_inside_the_range_and_is_zero_outside():
     x = torch.tensor([-3.0, -0.26, -0.1, 0.0, 0.12, 0.37, 0.9, 5.0], requires_grad=True)
     step = torch.tensor([0.1], requires_grad=True)  # 4-bit signed: codes −8 … 7, i.e. −0.8 … 0.7
-    out = qat.fake_quantize(x, step, 4, True, grad_scale=0.5)
+    out = T.qat.fake_quantize(x, step, 4, True, grad_scale=0.5)
     out.backward(torch.ones_like(out))
     inside = (x / 0.1 >= -8) & (x / 0.1 <= 7)
     assert torch.equal(x.grad, inside.float())  # 1 inside, 0 where the clamp cut
@@ -43,7 +44,7 @@ def _qat_model(weight_bits=4, act_bits=4, first_last_bits=8, width=8):
     torch.manual_seed(0)
     model = models.resnet18(width)
     images = torch.randn(32, 3, 32, 32)
-    q = qat.quantize(model, qat.layer_bits(model, weight_bits, act_bits, first_last_bits), images)
+    q = T.qat.quantize(model, T.qat.layer_bits(model, weight_bits, act_bits, first_last_bits), images)
     return model, q, images
 
 
@@ -67,17 +68,17 @@ def test_a_frozen_qat_model_round_trips_its_bit_packed_file_exactly(tmp_path, we
     q.eval()
     with torch.no_grad():
         before = q(images)
-    qat.freeze(q)
+    T.qat.freeze(q)
     with torch.no_grad():
         assert torch.equal(q(images), before)  # freezing changes nothing the model computes
-    arch = {**models.arch_of(model), "qat": qat.arch_record(q)}
-    path = packed.save_model(q, tmp_path / "qat.pt", arch)
+    arch = {**models.arch_of(model), "qat": T.qat.arch_record(q)}
+    path = T.qat.save(q, tmp_path / "qat.pt", arch)
     back = packed.load_model(path)
     with torch.no_grad():
         assert torch.equal(back(images), before)
     blob = runs.load_torch(path)
     levels = [e for e in blob["layout"] if e["kind"] == "levels"]
-    assert len(levels) == len(qat.quantized_layers(q))  # every weight stored at its width
+    assert len(levels) == len(T.qat.quantized_layers(q))  # every weight stored at its width
     inner = sum(q.get_submodule(e["name"].removesuffix(".weight")).weight.numel() for e in levels
                 if e["bits"] == weight_bits)
     edges = sum(q.get_submodule(e["name"].removesuffix(".weight")).weight.numel() for e in levels
@@ -96,7 +97,7 @@ def test_low_bit_weights_and_activations_move_both_terms_of_the_scores():
     scores = {}
     for wb, ab, fl in ((8, 8, 8), (4, 4, 8), (4, 4, 4)):
         _, q, _ = _qat_model(wb, ab, fl)
-        qat.freeze(q)
+        T.qat.freeze(q)
         scores[(wb, ab, fl)] = {**metrics.course_inputs(q), **metrics.micronet(q)}
     dense = metrics.course_inputs(models.resnet18(8))
     w8, w4, w4e = scores[(8, 8, 8)], scores[(4, 4, 8)], scores[(4, 4, 4)]
@@ -154,7 +155,7 @@ def test_qat_is_a_step_of_03_and_a_link_of_any_chain_with_distillation(store):
     assert made.row["size_bytes"] < start.row["size_bytes"] / 4  # 4-bit levels against float32
     assert made.row["score"] < start.row["score"] and made.row["micronet_score"] < start.row["micronet_score"]
     # the chain form in another stage's params: the same link, the same run
-    chain = params.check_chain("then", [{"qat": {"weight_bits": 4, "act_bits": 4, "epochs": 1,
+    chain = registry.check_chain("then", [{"qat": {"weight_bits": 4, "act_bits": 4, "epochs": 1,
                                                  "distill": {"alpha": 0.5, "temperature": 2.0}}}])
     again = result.ctx.chain(start, result.ctx.links(chain)[0])
     assert again[0].run.key == made.run.key

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_lab import bench, data, metrics, models, params, prune, quantize, runs, steps, train
+from resnet_lab import baselines, bench, data, metrics, models, params, runs, steps, train
+from resnet_lab import techniques as T
 from resnet_lab.stages import quantization
 
 from conftest import PARAMS
@@ -15,7 +16,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     bp = params.load(PARAMS / "smoke.yaml", "baseline")
     bp.update(run_root=str(root), progress=False)
-    result = train.baseline(bp)
+    result = baselines.train(bp)
     qp = params.load(PARAMS / "quantization_smoke.yaml", "quantization")
     qp.update(run_root=str(root), progress=False)
     return result, qp
@@ -45,7 +46,7 @@ def _seen_weights(module, x, model):
 # ---------------------------------------------------------------- BinaryConnect
 def test_forward_sees_only_plus_minus_one_and_sign_of_zero_is_plus_one():
     model = _net()
-    names = quantize.binarize(model, "inner")
+    names = T.binaryconnect.binarize(model, "inner")
     conv = model.layer1[0].conv1
     with torch.no_grad():
         conv.parametrizations.weight.original[0] = 0.0  # sign(0) must be +1, not a third value 0
@@ -60,7 +61,7 @@ def test_forward_sees_only_plus_minus_one_and_sign_of_zero_is_plus_one():
 
 def test_scaled_variant_uses_plus_minus_alpha_per_output_channel():
     model = _net()
-    quantize.binarize(model, "all", scale=True)
+    T.binaryconnect.binarize(model, "all", scale=True)
     conv = model.layer2[0].conv2
     real = conv.parametrizations.weight.original.detach()
     w = _seen_weights(conv, torch.randn(2, 3, 32, 32), model.eval())
@@ -72,7 +73,7 @@ def test_scaled_variant_uses_plus_minus_alpha_per_output_channel():
 
 def test_stochastic_binarization_follows_the_hard_sigmoid_in_training_only():
     model = _net()
-    quantize.binarize(model, "inner", mode="stochastic")
+    T.binaryconnect.binarize(model, "inner", mode="stochastic")
     conv = model.layer3[0].conv1
     with torch.no_grad():
         conv.parametrizations.weight.original.fill_(0.5)  # P(+1) = (0.5 + 1) / 2 = 0.75
@@ -86,7 +87,7 @@ def test_stochastic_binarization_follows_the_hard_sigmoid_in_training_only():
 
 def test_gradient_reaches_real_weights_step_updates_them_and_clip_bounds_them():
     model = _net()
-    quantize.binarize(model, "inner")
+    T.binaryconnect.binarize(model, "inner")
     real = model.layer1[1].conv2.parametrizations.weight.original
     with torch.no_grad():
         real[0].fill_(0.95)
@@ -95,7 +96,7 @@ def test_gradient_reaches_real_weights_step_updates_them_and_clip_bounds_them():
     assert real.grad is not None and real.grad.abs().sum() > 0
     before, grad = real.detach().clone(), real.grad.clone()
     torch.optim.SGD(model.parameters(), lr=10.0).step()
-    quantize.clip_(model)
+    T.binaryconnect.clip_(model)
     after = real.detach()
     assert torch.allclose(after, (before - 10.0 * grad).clamp(-1, 1), atol=1e-6)  # stepped, then clipped
     assert after.abs().max() <= 1 and (after.abs() == 1).any()
@@ -105,7 +106,7 @@ def test_gradient_reaches_real_weights_step_updates_them_and_clip_bounds_them():
 def test_straight_through_gradient_equals_the_gradient_of_the_binarized_weight():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3, bias=False)
-    torch.nn.utils.parametrize.register_parametrization(conv, "weight", quantize.Binarize())
+    torch.nn.utils.parametrize.register_parametrization(conv, "weight", T.binaryconnect.Binarize())
     x = torch.randn(2, 3, 6, 6)
     conv(x).square().sum().backward()
     wb = torch.where(conv.parametrizations.weight.original >= 0, 1.0, -1.0).detach().requires_grad_()
@@ -117,13 +118,13 @@ def test_straight_through_gradient_equals_the_gradient_of_the_binarized_weight()
 @pytest.mark.parametrize("layers, scale", [("inner", False), ("inner", True), ("all", False)])
 def test_packed_export_round_trip_is_exact(tmp_path, layers, scale):
     model = _net(width=8)
-    quantize.binarize(model, layers, scale=scale)
+    T.binaryconnect.binarize(model, layers, scale=scale)
     with torch.no_grad():  # the trained state: real weights anywhere in [-1, 1]
-        for _, m in quantize.binarized(model):
+        for _, m in T.binaryconnect.binarized(model):
             m.parametrizations.weight.original.uniform_(-1, 1)
     model.eval()
-    path = quantize.save_binary(model, tmp_path / "binary.pt", models.arch_of(model))
-    rebuilt = quantize.load_binary(path)
+    path = T.binaryconnect.save(model, tmp_path / "binary.pt", models.arch_of(model))
+    rebuilt = T.binaryconnect.load(path)
     x = torch.randn(16, 3, 32, 32)
     with torch.inference_mode():
         assert torch.equal(model(x), rebuilt(x))
@@ -134,15 +135,15 @@ def test_packed_export_round_trip_is_exact(tmp_path, layers, scale):
 def test_packed_file_is_a_twentieth_of_the_float32_file_at_the_default_width(tmp_path):
     model = _net(width=16)
     fp32 = runs.save_torch(tmp_path / "fp32.pt", model.state_dict()).stat().st_size
-    quantize.binarize(model, "inner", scale=True)
-    packed = quantize.save_binary(model, tmp_path / "binary.pt", models.arch_of(model)).stat().st_size
+    T.binaryconnect.binarize(model, "inner", scale=True)
+    packed = T.binaryconnect.save(model, tmp_path / "binary.pt", models.arch_of(model)).stat().st_size
     assert packed <= fp32 / 20
 
 
 def test_a_file_that_is_not_a_binary_export_is_refused(tmp_path):
     path = runs.save_torch(tmp_path / "x.pt", {"format": "something else"})
     with pytest.raises(runs.RunStoreError, match="not a resnet-lab packed weights file"):
-        quantize.load_binary(path)
+        T.binaryconnect.load(path)
 
 
 # ---------------------------------------------------------------- FP16, INT8, bits and score
@@ -155,7 +156,7 @@ def test_fp16_and_bf16_keep_accuracy_and_halve_the_file(trained, tmp_path):
     test = result.dataset.test
     fp32 = _acc(result.model, test)
     for dtype in (torch.float16, torch.bfloat16):
-        h = quantize.half(result.model, dtype)
+        h = T.half.half(result.model, dtype)
         assert abs(_acc(h, test) - fp32) <= 0.5
         assert all(t.dtype == torch.float32 for k, t in h.model.state_dict().items() if k.startswith("bn1.") and t.is_floating_point())
         ratio = metrics.saved_size(h.model) / metrics.saved_size(result.model)
@@ -167,7 +168,7 @@ def test_int8_agrees_with_fp32_and_reloads_identically(trained, tmp_path):
     result, _ = trained
     split = result.dataset.train
     calib = data.Batches(data.Split(split.images[:128], split.labels[:128]), 64, "cpu")
-    q = quantize.int8(result.model, calib)
+    q = T.int8.quantize(result.model, calib)
     test = data.Batches(result.dataset.test, 256, "cpu")
     agree = (train.predict(q, test).argmax(1) == train.predict(result.model, test).argmax(1)).float().mean()
     assert agree >= 0.9
@@ -179,8 +180,8 @@ def test_int8_agrees_with_fp32_and_reloads_identically(trained, tmp_path):
     inputs = metrics.course_inputs(q)
     assert inputs["p_u"] == 0 and inputs["p_s"] == 0  # int8 zeros are rounding, not pruning
     assert metrics.count_nonzero(q) < metrics.count_params(q)  # ... though some weights do round to 0
-    path = quantize.save_int8(q, tmp_path / "int8.pt", quantize.int8_arch(models.arch_of(result.model), "x86"))
-    again = quantize.load_int8(path)
+    path = T.int8.save(q, tmp_path / "int8.pt", T.int8.arch(models.arch_of(result.model), "x86"))
+    again = T.int8.load(path)
     assert torch.equal(train.predict(q, test), train.predict(again, test))
 
 
@@ -192,20 +193,20 @@ def test_course_score_of_dense_resnet18_matches_the_course():
     assert metrics.course_score(0, 0, 32, 32, w, f) == pytest.approx(3.98, abs=0.01)
     assert metrics.course_score(0, 0, 16, 16, w, f) == pytest.approx(1.99, abs=0.01)
     assert metrics.course_inputs(model)["score"] == pytest.approx(3.98, abs=0.01)
-    assert metrics.course_inputs(quantize.half(model))["score"] == pytest.approx(1.99, abs=0.01)
+    assert metrics.course_inputs(T.half.half(model))["score"] == pytest.approx(1.99, abs=0.01)
 
 
 def test_course_inputs_measure_structured_and_unstructured_pruning_against_the_unpruned_model():
     model = models.resnet18(8)
     w, f = metrics.count_params(model), metrics.count_macs(model)["macs"]
     sparse = models.resnet18(8)
-    prune.unstructured(sparse, 0.5, "global")
-    prune.make_permanent(sparse)
+    T.prune.unstructured(sparse, 0.5, "global")
+    T.prune.make_permanent(sparse)
     zeros = sum(int((m.weight == 0).sum()) for m in sparse.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
     r = metrics.course_inputs(sparse, pruned_from=model)
     assert r["p_s"] == 0 and r["p_u"] == pytest.approx(zeros / w) and (r["score_w"], r["score_f"]) == (w, f)
     assert r["score"] == pytest.approx(metrics.course_score(0, zeros / w, 32, 32, w, f))
-    small, _ = prune.structured(models.resnet18(8), 0.5, scope="layer")
+    small, _ = T.prune.structured(models.resnet18(8), 0.5, scope="layer")
     r = metrics.course_inputs(small, pruned_from=model)
     assert r["p_s"] == pytest.approx(1 - metrics.count_params(small) / w) and r["p_u"] == 0
     # scored as its own architecture instead: its own counts, nothing pruned
@@ -256,7 +257,7 @@ def test_stage_runs_every_method_then_reuses_them(trained, monkeypatch, tmp_path
         raise AssertionError("a finished run was recomputed")
 
     monkeypatch.setattr(train, "fit", no_training)
-    monkeypatch.setattr(quantize, "int8", no_training)
+    monkeypatch.setattr(T.int8, "quantize", no_training)
     again = quantization.run(qp)
     assert [r["test_acc"] for r in again.rows()] == [r["test_acc"] for r in rows]
 
@@ -264,7 +265,7 @@ def test_stage_runs_every_method_then_reuses_them(trained, monkeypatch, tmp_path
 def test_stage_without_its_baseline_says_which_notebook_produces_it(tmp_path):
     qp = params.load(PARAMS / "quantization_smoke.yaml", "quantization")
     qp.update(run_root=str(tmp_path / "empty"))
-    with pytest.raises(train.UpstreamMissing) as e:
+    with pytest.raises(baselines.UpstreamMissing) as e:
         quantization.run(qp)
     msg = str(e.value)
     assert "papermill notebooks/01_baseline.ipynb" in msg and "params/smoke.yaml" in msg and "run_root" in msg

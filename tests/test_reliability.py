@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from resnet_lab import models, packed, params, runs, train
+from resnet_lab import baselines, models, packed, params, runs, train
 from resnet_lab.stages import pruning
 from resnet_lab.runs import RunStoreError
 
@@ -86,7 +86,7 @@ def test_two_processes_on_one_run_train_it_once_and_both_get_it(tmp_path):
 # ---------------------------------------------------------------- corrupt and foreign files
 @pytest.fixture
 def trained(smoke):
-    return train.baseline(smoke), smoke
+    return baselines.train(smoke), smoke
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random bytes", "other width", "other architecture"])
@@ -102,18 +102,18 @@ def test_a_damaged_or_foreign_baseline_checkpoint_is_refused_naming_the_file(tra
     else:
         runs.save_torch(path, torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 10)).state_dict())
     with pytest.raises(RunStoreError, match="model.pt"):
-        train.baseline(smoke)
+        baselines.train(smoke)
     p = params.load(PARAMS / "quantization_smoke.yaml", "quantization")
     p.update(run_root=smoke["run_root"])
     with pytest.raises(RunStoreError, match="model.pt"):  # a later stage stops on it as well, before any work
-        train.trained_baseline(p["baseline"], p)
+        baselines.trained(p["baseline"], p)
 
 
 def test_a_corrupt_metrics_file_is_refused_not_taken_as_a_result(trained):
     result, smoke = trained
     result.run.path("metrics.json").write_text('{"test_acc": 7')
     with pytest.raises(RunStoreError, match="metrics.json"):
-        train.baseline(smoke)
+        baselines.train(smoke)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random bytes", "other architecture", "pickled code"])
@@ -151,7 +151,7 @@ def test_a_refused_params_file_creates_no_run_directory(tmp_path):
 def test_report_of_a_stage_without_its_upstream_names_the_command(tmp_path):
     p = params.load(PARAMS / "pruning_smoke.yaml", "pruning")
     p.update(run_root=str(tmp_path / "empty"))
-    with pytest.raises(train.UpstreamMissing, match="papermill notebooks/01_baseline.ipynb out.ipynb -f params/smoke.yaml"):
+    with pytest.raises(baselines.UpstreamMissing, match="papermill notebooks/01_baseline.ipynb out.ipynb -f params/smoke.yaml"):
         pruning.run(p)
     assert not (tmp_path / "empty").exists()
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from resnet_lab import bench, factorize, metrics, models, packed, params, prune, quantize, registry, runs, stats, steps, summary, train
+from resnet_lab import baselines, bench, metrics, models, packed, params, registry, runs, stats, steps, summary, train
+from resnet_lab import techniques as T
 from resnet_lab.stages import factorization, pruning, quantization
 
 from conftest import PARAMS, smoke_baseline
@@ -98,7 +99,7 @@ def test_chains_are_reused_when_finished(chains, monkeypatch):
         raise AssertionError("a finished run was recomputed")
 
     monkeypatch.setattr(train, "fit", no_work)
-    monkeypatch.setattr(quantize, "int8", no_work)
+    monkeypatch.setattr(T.int8, "quantize", no_work)
     again = pruning.run(p)
     assert [m.ref for m in again.models] == [m.ref for m in result.models]
     assert [m.row["test_acc"] for m in again.models] == [m.row["test_acc"] for m in result.models]
@@ -138,7 +139,7 @@ def test_seeds_give_one_run_per_seed_told_apart_by_name(baseline):
 def test_a_stage_replicated_over_baseline_seeds_reads_each_model_against_its_own_seed(baseline):
     bp = params.load(PARAMS / "smoke.yaml", "baseline")
     bp.update(run_root=str(baseline), progress=False)
-    train.baseline(bp, 1)  # the smoke baseline's replicate of seed 1
+    baselines.train(bp, 1)  # the smoke baseline's replicate of seed 1
     s = _stage_params("svd_smoke.yaml", "svd", baseline, ranks=[0.5], variants=[], scratch_ranks=[], epochs=1, then=[],
                       baseline_seeds=[0, 1])
     result = factorization.run(s)
@@ -195,15 +196,15 @@ def test_models_build_rebuilds_any_order_of_structural_steps(tmp_path):
     model = models.resnet18(8).eval()
     arch = models.arch_of(model)
     x = torch.randn(2, 3, 32, 32)
-    small, _ = prune.structured(model, 0.5, scope="layer")
-    small_arch = prune.structured_arch(arch, small)
-    then_svd, ranks, _ = factorize.svd(small, "fraction", 0.5)
-    svd_first, ranks2, _ = factorize.svd(model, "fraction", 0.5)
-    svd_arch = factorize.arch(arch, svd_first, ranks2)
-    svd_then_pruned, _ = prune.structured(svd_first, 0.5, scope="layer")
-    for made, record in ((then_svd, factorize.arch(small_arch, then_svd, ranks)),
-                         (svd_then_pruned, prune.structured_arch(svd_arch, svd_then_pruned)),
-                         (quantize.half(then_svd), quantize.half_arch(factorize.arch(small_arch, then_svd, ranks), torch.float16))):
+    small, _ = T.prune.structured(model, 0.5, scope="layer")
+    small_arch = T.prune.structured_arch(arch, small)
+    then_svd, ranks, _ = T.svd.svd(small, "fraction", 0.5)
+    svd_first, ranks2, _ = T.svd.svd(model, "fraction", 0.5)
+    svd_arch = T.svd.arch(arch, svd_first, ranks2)
+    svd_then_pruned, _ = T.prune.structured(svd_first, 0.5, scope="layer")
+    for made, record in ((then_svd, T.svd.arch(small_arch, then_svd, ranks)),
+                         (svd_then_pruned, T.prune.structured_arch(svd_arch, svd_then_pruned)),
+                         (T.half.half(then_svd), T.half.half_arch(T.svd.arch(small_arch, then_svd, ranks), torch.float16))):
         path = packed.save_model(made, tmp_path / "m.pt", record)
         with torch.inference_mode():
             assert torch.equal(packed.load_model(path)(x), made.eval()(x))
@@ -220,13 +221,12 @@ def _toy_make(step):
 def test_a_registered_technique_is_listed_by_the_summary_and_bench_untouched(baseline, tmp_path):
     toy = registry.Technique(
         "toy", "99_toy", "quantization", describe=lambda s: f"toy ×{s['factor']:g}", make=_toy_make,
-        defaults=lambda: {"factor": 2.0},
-        settings={"factor": params.Field(float, 2.0, "scale of the classifier", low=0.0, low_open=True)})
+        config={"factor": params.Field(float, 2.0, "scale of the classifier", low=0.0, low_open=True)})
     registry.register(toy)
     try:
-        assert params.check_chain("then", [{"toy": {"factor": 3}}]) == [{"toy": {"factor": 3.0}}]
+        assert registry.check_chain("then", [{"toy": {"factor": 3}}]) == [{"toy": {"factor": 3.0}}]
         with pytest.raises(params.ParamsError, match="did you mean 'factor'"):
-            params.check_chain("then", [{"toy": {"facto": 3}}])
+            registry.check_chain("then", [{"toy": {"facto": 3}}])
         p = _stage_params("pruning_smoke.yaml", "pruning", baseline, epochs=1, sensitivity_amounts=[], curve_amounts=[],
                           variants=[{"method": "l1", "scope": "global", "then": [{"toy": {"factor": 3}}]}])
         result = pruning.run(p)
@@ -244,6 +244,5 @@ def test_a_registered_technique_is_listed_by_the_summary_and_bench_untouched(bas
         assert "L1 unstructured, global, 50% → toy ×3" in bench.inference(bp)
     finally:
         registry.unregister("toy")
-    assert "toy" not in params.LINKS
     with pytest.raises(params.ParamsError, match="unknown step 'toy'"):
-        params.check_chain("then", ["toy"])
+        registry.check_chain("then", ["toy"])

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from resnet_lab import export, params, runs, stats, summary, train
+from resnet_lab import baselines, export, params, runs, stats, summary, train
 from resnet_lab.stages import factorization, pruning, quantization
 
 from conftest import PARAMS, smoke_baseline
@@ -92,7 +92,7 @@ def test_every_model_is_rebuilt_and_measured_again_matching_what_its_stage_store
     # logits flip a few predictions (the default profile's models: 97.4-98.8%, see the README)
     assert df.loc[quantized, summary.AGREEMENT].min() >= 90
     ot = summary.onnx_table(s, p)
-    low = [name for name in quantized if df.loc[name, summary.AGREEMENT] < p["onnx_agreement_int8"]]
+    low = [name for name in quantized if df.loc[name, summary.AGREEMENT] < p["onnx_agreement_quantized"]]
     assert list(ot.index) == list(df.index) and [n for n in ot.index if ot.loc[n, "check"] != "ok"] == low
     assert [line.split(":")[0] for line in summary.flagged(s, p)] == [n.split(":")[0] for n in low]
     assert "ONNX Runtime" in summary.engines(s, df, 2.0) and "CPU latency, ONNX Runtime" in summary.criteria(s)
@@ -226,7 +226,7 @@ def test_summary_params_are_checked(tmp_path):
 
 
 def test_summary_without_a_baseline_names_the_command(tmp_path):
-    with pytest.raises(train.UpstreamMissing, match="papermill notebooks/01_baseline.ipynb"):
+    with pytest.raises(baselines.UpstreamMissing, match="papermill notebooks/01_baseline.ipynb"):
         _summarize(tmp_path / "empty")
     assert not (tmp_path / "empty").exists()
 
@@ -259,7 +259,7 @@ def test_replicates_over_seeds_are_named_paired_with_their_own_seed_and_summariz
     root = tmp_path / "runs"
     bp = params.load(PARAMS / "smoke.yaml", "baseline")
     bp.update(run_root=str(root), progress=False)
-    train.replicates({**bp, "seeds": [0, 1]})
+    baselines.replicates({**bp, "seeds": [0, 1]})
     factorization.run(_stage_params("svd_smoke.yaml", "svd", root, ranks=[0.5], variants=[], then=[], scratch_ranks=[],
                                     epochs=1, baseline_seeds=[0, 1]))
     s = _summarize(root)

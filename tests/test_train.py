@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from resnet_lab import data, models, params, prune, runs, train
+from resnet_lab import baselines, data, models, params, runs, train
+from resnet_lab import techniques as T
 from resnet_lab.train import TrainingDiverged
 
 
@@ -61,7 +62,7 @@ def test_resume_after_interruption_gives_the_same_history(smoke, tmp_path, monke
 
 
 def test_baseline_stage_stores_and_then_reuses_its_run(smoke):
-    first = train.baseline(smoke)
+    first = baselines.train(smoke)
     assert not first.reused and first.run.done
     names = {f.name for f in first.run.dir.iterdir()}
     assert {"params.yaml", "model.pt", "history.json", "predictions.npz", "metrics.json"} <= names
@@ -70,7 +71,7 @@ def test_baseline_stage_stores_and_then_reuses_its_run(smoke):
     assert m["params"] == sum(p.numel() for p in first.model.parameters())
     assert m["size_bytes"] > 4 * m["params"] and m["throughput_img_s"] > 0
     assert len(first.test_predictions) == len(first.dataset.test)
-    second = train.baseline(smoke)
+    second = baselines.train(smoke)
     assert second.reused and second.run.dir == first.run.dir
     assert second.metrics == m
     x = torch.randn(2, 3, 32, 32)
@@ -80,8 +81,8 @@ def test_baseline_stage_stores_and_then_reuses_its_run(smoke):
 
 def test_baseline_seeds_train_one_run_per_seed_on_the_same_split(smoke):
     assert smoke["seeds"] == [0, 1]  # the smoke file's
-    alone = train.baseline({**smoke, "seeds": []})
-    reps = train.replicates(smoke)
+    alone = baselines.train({**smoke, "seeds": []})
+    reps = baselines.replicates(smoke)
     assert [r.run.params.get("train_seed") for r in reps] == [None, 1]
     assert reps[0].run.dir == alone.run.dir and reps[0].reused  # the run of `seed` keeps its key
     assert {r.run.params["seed"] for r in reps} == {0}  # the split's seed; the training seed is its own key
@@ -89,16 +90,16 @@ def test_baseline_seeds_train_one_run_per_seed_on_the_same_split(smoke):
     w0, w1 = (next(iter(r.model.state_dict().values())) for r in reps)
     assert not torch.equal(w0, w1)  # another initialisation
     assert torch.equal(reps[0].dataset.val.labels, reps[1].dataset.val.labels)  # the same held-out images
-    assert all(r.reused for r in train.replicates(smoke))
-    found = train.replicate_runs(str(runs.PROJECT_ROOT / "params" / "smoke.yaml"), smoke)
+    assert all(r.reused for r in baselines.replicates(smoke))
+    found = baselines.replicate_runs(str(runs.PROJECT_ROOT / "params" / "smoke.yaml"), smoke)
     assert {s: r.dir for s, r in found.items()} == {s: r.run.dir for s, r in zip((0, 1), reps)}
-    looked_up, bp = train.trained_baseline(str(runs.PROJECT_ROOT / "params" / "smoke.yaml"), smoke, 1)
+    looked_up, bp = baselines.trained(str(runs.PROJECT_ROOT / "params" / "smoke.yaml"), smoke, 1)
     assert looked_up.run.dir == reps[1].run.dir and bp["seed"] == 1
 
 
 def test_a_stage_asking_for_a_baseline_seed_the_baseline_does_not_have_is_refused(smoke):
     with pytest.raises(params.ParamsError, match="not one of the training seeds"):
-        train.trained_baseline(str(runs.PROJECT_ROOT / "params" / "smoke.yaml"), smoke, 7)
+        baselines.trained(str(runs.PROJECT_ROOT / "params" / "smoke.yaml"), smoke, 7)
 
 
 def test_models_with_a_narrow_strided_1x1_conv_train_in_nchw_on_the_cpu():
@@ -108,7 +109,7 @@ def test_models_with_a_narrow_strided_1x1_conv_train_in_nchw_on_the_cpu():
     cpu = torch.device("cpu")
     assert train.train_channels_last(cpu, models.resnet18(16))
     assert not train.train_channels_last(cpu, models.resnet18(4)) and not train.train_channels_last(cpu, models.resnet18(8))
-    narrow = prune.remove_channels(models.resnet18(16), {"conv1": list(range(8))})  # stage 1's stream down to 8
+    narrow = T.prune.remove_channels(models.resnet18(16), {"conv1": list(range(8))})  # stage 1's stream down to 8
     assert narrow.layer2[0].shortcut[0].in_channels == 8 and not train.train_channels_last(cpu, narrow)
     model = models.resnet18(4)
     p = params.validate({"data": "synthetic", "synthetic_train": 64, "synthetic_test": 32, "width": 4, "epochs": 1,

@@ -1,4 +1,4 @@
-"""05_svd: truncated-SVD factorization registered as the `svd` step; the notebook's run and tables.
+"""05_svd: the `svd` technique swept over variants and ranks; the notebook's run and tables.
 
 Every variant × rank (× seed) of the params is one `svd` link from the baseline (fine-tuned after the
 factorization), followed by its `then` chain; `scratch_ranks` also train the same factorized
@@ -6,12 +6,10 @@ architectures from random weights, as the old scripts did.
 """
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .. import factorize, models, params, registry, steps
+from .. import params, steps
+from ..techniques import svd
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -19,54 +17,13 @@ if TYPE_CHECKING:
 STAGE = "svd"
 
 
-@functools.cache
-def _stage_defaults() -> dict[str, Any]:
-    """05's default params file: where an `svd` link's settings come from when a chain gives none."""
-    return params.load(params.PARAMS_DIR / params.DEFAULT_FILES[STAGE], STAGE)
-
-
 def link_settings(v: dict[str, Any], rank: float, p: dict[str, Any], mode: str = "posttraining") -> dict[str, Any]:
     """An `svd` link's settings from a factorization recipe `v` (a variant, or 05's top-level keys) at `rank`;
     the fine-tuning recipe is the variant's epochs, lr (from scratch: `scratch_epochs`) and distill, and the stage's
     other keys."""
-    return {**{k: v[k] for k in params.SVD_KEYS}, "rank": rank, "mode": mode, **{k: p[k] for k in params.FINETUNE},
+    return {**{k: v[k] for k in svd.KEYS}, "rank": rank, "mode": mode, **{k: p[k] for k in params.FINETUNE},
             "epochs": v["epochs"] if mode == "posttraining" else p["scratch_epochs"], "lr": v["lr"],
             "distill": v["distill"]}
-
-
-def _defaults() -> dict[str, Any]:
-    """An `svd` link's settings where a chain gives none: 05's default rank rule (its fine-tuning recipe comes from
-    the stage the chain is in)."""
-    p = _stage_defaults()
-    return {**{k: p[k] for k in params.SVD_KEYS}, "mode": "posttraining"}
-
-
-def _check(where: str, s: dict[str, Any]) -> None:
-    params.check_rank_values(where, s["rank_rule"], [s["rank"]])
-
-
-def name(s: dict[str, Any]) -> str:
-    rule, value = s["rank_rule"], s["rank"]
-    what = {"fixed": f"rank {value:g}", "fraction": f"{value:g} of full rank", "energy": f"{value:.0%} energy"}[rule]
-    return f"SVD {what}" + (" (from scratch)" if s["mode"] == "scratch" else "")
-
-
-def _make(step: steps.Step) -> steps.Made:
-    s = step.settings
-    # ranks are chosen on the trained weights in both modes, so both train the same architecture
-    model, ranks, skipped = factorize.svd(step.parent.model, s["rank_rule"], s["rank"], s["include_stem"],
-                                          s["include_1x1"], s["rank_multiple"])
-    arch = factorize.arch(step.parent.row["arch"], model, ranks)
-    if s["mode"] == "scratch":
-        torch.manual_seed(s["seed"])
-        model = models.build(arch)
-    before = step.accuracy(model)
-    history = step.finetune(model)
-    return steps.Made(model, arch, before, history, {"factorized": ranks, "skipped": skipped})
-
-
-registry.register(registry.Technique(
-    "svd", "05_svd", "factorization", describe=name, make=_make, defaults=_defaults, check=_check, trains=True))
 
 
 # ---------------------------------------------------------------- the 05 stage

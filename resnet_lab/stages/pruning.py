@@ -1,5 +1,5 @@
-"""04_pruning: L1 unstructured and Ln structured pruning registered as the `prune` step, the sensitivity
-analysis and the accuracy-vs-amount curves; the notebook's run and tables.
+"""04_pruning: the `prune` technique swept over variants and amounts, the sensitivity analysis and the
+accuracy-vs-amount curves; the notebook's run and tables.
 
 Every variant × amount (× seed) of the params is one `prune` link from the baseline, followed by its
 `then` chain (e.g. [int8], [{svd: {rank: 0.5}}, int8], [binaryconnect]).
@@ -7,135 +7,26 @@ Every variant × amount (× seed) of the params is one `prune` link from the bas
 from __future__ import annotations
 
 import copy
-import functools
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 from tqdm import tqdm
 
-from .. import metrics, params, prune, registry, steps
+from .. import metrics, params, steps
+from ..techniques import prune
 
 if TYPE_CHECKING:
     import pandas as pd
 
 STAGE = "pruning"
-ANALYSIS = "prune_analysis"
-registry.register_analysis(registry.Analysis(ANALYSIS, "04_pruning", "analysis: sensitivity or accuracy-vs-amount "
-                                                                     "curve (no model)"))
-
-
-@functools.cache
-def _stage_defaults() -> dict[str, Any]:
-    """04's default params file: where a `prune` link's settings come from when a chain gives none."""
-    return params.load(params.PARAMS_DIR / params.DEFAULT_FILES[STAGE], STAGE)
-
-
 def link_settings(v: dict[str, Any], amount: float, p: dict[str, Any]) -> dict[str, Any]:
     """A `prune` link's settings from a pruning recipe `v` (a variant, or 04's top-level keys) at `amount`; the
     fine-tuning recipe is the variant's epochs, lr and distill, and the stage's other keys."""
-    return {**{k: v[k] for k in params.PRUNE_KEYS}, "amount": amount, "sensitivity_amounts": p["sensitivity_amounts"],
+    return {**{k: v[k] for k in prune.KEYS}, "amount": amount, "sensitivity_amounts": p["sensitivity_amounts"],
             **{k: p[k] for k in params.FINETUNE}, "epochs": v["epochs"], "lr": v["lr"], "distill": v["distill"]}
 
 
-def _defaults() -> dict[str, Any]:
-    """A `prune` link's settings where a chain gives none: 04's default recipe (its fine-tuning recipe comes from
-    the stage the chain is in)."""
-    p = _stage_defaults()
-    return {**{k: p[k] for k in params.PRUNE_KEYS}, "sensitivity_amounts": p["sensitivity_amounts"]}
-
-
-def _normalize(s: dict[str, Any]) -> dict[str, Any]:
-    """Drop the settings that do not apply, so equivalent recipes share a run."""
-    drop = ("schedule", "steps", "include_fc") if s["method"] == "ln_structured" else ("norm", "round_to")
-    if s["scope"] != "sensitivity":
-        drop += ("sensitivity_amounts",)
-    return {k: v for k, v in s.items() if k not in drop}
-
-
-def _check(where: str, s: dict[str, Any]) -> None:
-    params.check_prune_link(where, s, s["sensitivity_amounts"])
-
-
-# ---------------------------------------------------------------- names
-def family(s: dict[str, Any]) -> str:
-    """The curve a pruning recipe belongs to: its method and scope (and schedule)."""
-    if s["method"] == "l1":
-        return ", ".join(["L1 unstructured", s["scope"]] + ([f"{s['steps']} steps"] if s.get("schedule") == "iterative" else []))
-    return f"L{s['norm']:g} structured, {s['scope']}"
-
-
-def name(s: dict[str, Any]) -> str:
-    """A pruned model's name, e.g. 'L1 unstructured, global, 80%' or 'L1 structured, global, 60% of channels'."""
-    if s["method"] == "l1":
-        parts = ["L1 unstructured", s["scope"], f"{s['amount']:.0%}"]
-        return ", ".join(parts + ([f"{s['steps']} steps"] if s["schedule"] == "iterative" else []))
-    return f"L{s['norm']:g} structured, {s['scope']}, {s['amount']:.0%} of channels"
-
-
-# ---------------------------------------------------------------- the step
-def _layer_amounts(step: steps.Step, s: dict[str, Any], layers: list) -> float | dict[str, float]:
-    if s["scope"] != "sensitivity":
-        return s["amount"]
-    drops = sensitivity(step.ctx, step.parent, s["sensitivity_amounts"])
-    sizes = {n: m.weight.numel() for n, m in layers}
-    return prune.amounts_from_sensitivity({n: {a: drops["val_acc"] - x for a, x in drops["acc"][n].items()} for n in sizes},
-                                          sizes, s["amount"])
-
-
-def _make(step: steps.Step) -> steps.Made:
-    s, parent = step.settings, step.parent.model
-    if s["method"] == "ln_structured":
-        model, plan = prune.structured(copy.deepcopy(parent), s["amount"], s["norm"], s["scope"], s["round_to"],
-                                       s["include_stem"])
-        before = step.accuracy(model)
-        history = step.finetune(model)
-        model = model.to("cpu", memory_format=torch.contiguous_format)
-        return steps.Made(model, prune.structured_arch(step.parent.row["arch"], model), before, history,
-                          {"method": s["method"], "amount": s["amount"],
-                           "removed_channels": {k: len(i) for k, i in plan.items()}})
-    model = copy.deepcopy(parent)
-    layers = prune.prunable(model, s["include_stem"], s["include_fc"])
-    target = _layer_amounts(step, s, layers)
-    n = s["steps"] if s["schedule"] == "iterative" else 1
-    amount = s["amount"]
-    fractions = [f / amount for f in prune.gradual(amount, n)] if amount > 0 else [1.0] * n
-    epochs = [s["epochs"] // n + (1 if i < s["epochs"] % n else 0) for i in range(n)]
-    before, history = None, []
-    for i, (f, e) in enumerate(zip(fractions, epochs)):
-        step_target = {k: a * f for k, a in target.items()} if isinstance(target, dict) else target * f
-        model.to("cpu", memory_format=torch.contiguous_format)  # after fit: channels_last, maybe on the GPU
-        prune.unstructured(model, step_target, "global" if s["scope"] == "global" else "layer", layers)
-        if before is None:
-            before = step.accuracy(model)  # the first cut: what the first fine-tuning starts from
-        part = step.finetune(model, epochs=e, checkpoint=f"checkpoint_{i}.pt")
-        history += [{**r, "epoch": len(history) + r["epoch"], "step": i + 1} for r in part]  # one epoch count
-    model = prune.make_permanent(model).to("cpu", memory_format=torch.contiguous_format)
-    return steps.Made(model, step.parent.row["arch"], before, history,
-                      {"method": s["method"], "amount": amount, "layer_amounts": target if isinstance(target, dict) else None,
-                       "step_sparsity": prune.gradual(amount, n)})
-
-
-registry.register(registry.Technique(
-    "prune", "04_pruning", "pruning", describe=name, make=_make, defaults=_defaults, check=_check, trains=True,
-    prunes=True, normalize=_normalize))
-
-
 # ---------------------------------------------------------------- analyses without fine-tuning
-def sensitivity(ctx: steps.Context, parent: steps.Model, amounts: list[float]) -> dict[str, Any]:
-    """Validation accuracy of `parent` with one layer L1-pruned at each amount (validation: it chooses amounts),
-    one view per image (a relative measure, twice as fast): {'layers', 'amounts', 'val_acc', 'acc': {layer: {amount: acc}}}."""
-    def compute() -> dict[str, Any]:
-        model = copy.deepcopy(parent.model)
-        layers = [n for n, _ in prune.prunable(model, True, True)]
-        acc = prune.sensitivity(model, layers, amounts, lambda m: ctx.evaluate_split(m, "val", flip=False), ctx.p["progress"])
-        return {"layers": layers, "amounts": amounts, "val_acc": ctx.evaluate_split(model, "val", flip=False),
-                "acc": {n: {str(a): v for a, v in d.items()} for n, d in acc.items()}}
-
-    m = ctx.cached(ANALYSIS, {"kind": "sensitivity", "parent": parent.ref, "amounts": amounts}, compute)
-    return {**m, "acc": {n: {float(a): v for a, v in d.items()} for n, d in m["acc"].items()}}
-
-
 CURVE_KEYS = ("method", "scope", "norm", "round_to", "include_stem", "include_fc")
 
 
@@ -158,8 +49,8 @@ def curves(ctx: steps.Context, variants: list[dict[str, Any]], amounts: list[flo
                                **metrics.count_macs(model)})
             return {"points": points}
 
-        m = ctx.cached(ANALYSIS, {"kind": "curve", **k, "amounts": amounts}, compute)
-        rows += [{"family": family(k), **pt} for pt in m["points"]]
+        m = ctx.cached(prune.ANALYSIS, {"kind": "curve", **k, "amounts": amounts}, compute)
+        rows += [{"family": prune.family(k), **pt} for pt in m["points"]]
     return rows
 
 
@@ -182,7 +73,7 @@ def run(p: dict[str, Any]) -> steps.Result:
         result = steps.Result(ctx, [ctx.root])
         ctx.check_chains(p["variants"])
         if first and p["sensitivity_amounts"]:
-            result.extras["sensitivity"] = sensitivity(ctx, ctx.root, p["sensitivity_amounts"])
+            result.extras["sensitivity"] = prune.analyse(ctx, ctx.root, p["sensitivity_amounts"])
         if first:
             result.extras["curves"] = curves(ctx, p["variants"], p["curve_amounts"])
         ctx.sweep(result, "prune", p["variants"], "amounts", lambda v, amount: link_settings(v, amount, ctx.p))
@@ -248,7 +139,7 @@ def curve_table(result: steps.Result) -> pd.DataFrame:
     import pandas as pd
 
     rows = [{**c, "stage": "right after pruning"} for c in result.extras["curves"]]
-    rows += [{"family": family(r["settings"]), "amount": r["amount"], "test_acc": r["test_acc"],
+    rows += [{"family": prune.family(r["settings"]), "amount": r["amount"], "test_acc": r["test_acc"],
               "weight_sparsity": r["weight_sparsity"], "macs": r["macs"], "sparse_macs": r["sparse_macs"],
               "stage": "after fine-tuning"} for r in result.rows() if r["technique"] == "prune"]
     df = pd.DataFrame(rows)

@@ -1,18 +1,13 @@
-"""03_quantization: FP16/BF16, INT8, BinaryConnect and QAT registered as steps; the notebook's run and tables.
+"""03_quantization: the quantization techniques applied to one start model; the notebook's run and tables.
 
 The methods apply to the start model: the baseline, or any model a chain of steps from it makes
 (`start` in params, e.g. the structured-pruned model).
 """
 from __future__ import annotations
 
-import copy
-import functools
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .. import data as data_mod
-from .. import metrics, models, params, qat, quantize, registry, steps, train
+from .. import metrics, params, registry, steps
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -20,133 +15,12 @@ if TYPE_CHECKING:
 STAGE = "quantization"
 
 
-@functools.cache
-def _stage_defaults() -> dict[str, Any]:
-    """03's default params file: where a link's settings come from when a chain gives none."""
-    return params.load(params.PARAMS_DIR / params.DEFAULT_FILES[STAGE], STAGE)
-
-
-def recipe(p: dict[str, Any]) -> dict[str, Any]:
-    return {k: p[k] for k in params.FINETUNE}
-
-
-# ---------------------------------------------------------------- FP16 / BF16
-def _make_half(dtype: torch.dtype):
-    def make(step: steps.Step) -> steps.Made:
-        extra = {}
-        device = step.ctx.device
-        if device.type == "cuda":  # also the float32 weights under autocast, as training ran
-            test = data_mod.Batches(step.ctx.dataset.test, step.ctx.p["eval_batch_size"], device)
-            parent = step.parent.model.to(device)
-            extra["autocast_test_acc"] = train.evaluate(parent, test, dtype, step.ctx.bp["eval_flip"])["acc"]
-            parent.to("cpu")
-        return steps.Made(quantize.half(step.parent.model, dtype), quantize.half_arch(step.parent.row["arch"], dtype),
-                          extra=extra)
-    return make
-
-
-for _kind, _dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-    registry.register(registry.Technique(
-        _kind, "03_quantization", "quantization", describe=lambda s, k=_kind: k.upper(), make=_make_half(_dtype),
-        terminal=True))
-
-
-# ---------------------------------------------------------------- INT8
-def _calibration(step: steps.Step) -> data_mod.Split:
-    """The first `calibration_images` training images (not augmented) of a step's settings."""
-    n, train_split = step.settings["calibration_images"], step.ctx.dataset.train
-    return data_mod.Split(train_split.images[:n], train_split.labels[:n])
-
-
-def _make_int8(step: steps.Step) -> steps.Made:
-    s, calibration = step.settings, _calibration(step)
-    parent = step.parent.model
-    if qat.quantized_layers(parent):  # a W8A8 QAT model onto int8 kernels: its weights, ranges observed again
-        parent = qat.float_model(parent)
-    model = quantize.int8(parent, data_mod.Batches(calibration, 128, "cpu"), s["backend"])
-    extra = {"backend": s["backend"], "calibration_images": len(calibration)}
-    if step.parent.row["technique"] == "qat":  # how faithfully the int8 kernels compute the QAT model
-        ours = step.ctx.predict(model, "test", cpu_only=True).argmax(1)  # the evaluation protocol the parent had
-        extra["agreement_with_parent"] = 100.0 * float((ours == step.parent.run.predictions()["test"]).float().mean())
-    return steps.Made(model, quantize.int8_arch(step.parent.row["arch"], s["backend"]), extra=extra)
-
-
-def _int8_defaults() -> dict[str, Any]:
-    p = _stage_defaults()
-    return {"backend": p["int8_backend"], "calibration_images": p["calibration_images"]}
-
-
-registry.register(registry.Technique(
-    "int8", "03_quantization", "quantization",
-    describe=lambda s: f"INT8 ({s['backend']}, {s['calibration_images']} calibration images)", make=_make_int8,
-    save=quantize.save_int8, loader=lambda run: quantize.load_int8(run.path("int8.pt")), artifact="int8.pt",
-    defaults=_int8_defaults, terminal=True, cpu_only=True))
-
-
-# ---------------------------------------------------------------- BinaryConnect
-def bc_name(s: dict[str, Any]) -> str:
-    extras = [s["mode"], f"{s['layers']} layers"] + (["α"] if s["scale"] else []) + (["from scratch"] if s["init"] == "scratch" else [])
-    return f"BinaryConnect ({', '.join(extras)})"
-
-
-def _make_bc(step: steps.Step) -> steps.Made:
-    s, arch = step.settings, step.parent.row["arch"]
-    model = copy.deepcopy(step.parent.model) if s["init"] == "pretrained" else models.build(arch)
-    names = quantize.binarize(model, s["layers"], s["mode"], s["scale"], keep_zeros=True)  # a pruned parent's zeros stay
-    before = step.accuracy(model)
-    history = step.finetune(model, after_step=lambda: quantize.clip_(model))
-    return steps.Made(model, arch, before, history, {"binarized_layers": len(names)})
-
-
-def _bc_defaults() -> dict[str, Any]:
-    """A `binaryconnect` link's settings where a chain gives none (its fine-tuning recipe comes from the stage the
-    chain is in)."""
-    return {k: f.default for k, f in params.BC_KEYS.items()}
-
-
-registry.register(registry.Technique(
-    "binaryconnect", "03_quantization", "quantization", describe=bc_name, make=_make_bc, save=quantize.save_binary,
-    defaults=_bc_defaults, trains=True))
-
-
-# ---------------------------------------------------------------- quantization-aware training
-def qat_name(s: dict[str, Any]) -> str:
-    edges = f", first/last {s['first_last_bits']}-bit" if s["first_last_bits"] != max(s["weight_bits"], s["act_bits"]) else ""
-    return f"QAT W{s['weight_bits']}A{s['act_bits']} (LSQ{edges}, simulated)"
-
-
-def _make_qat(step: steps.Step) -> steps.Made:
-    s, parent, calibration = step.settings, step.parent.model, _calibration(step)
-    images, _ = next(iter(data_mod.Batches(calibration, len(calibration), "cpu")))  # one batch, normalized
-    model = qat.quantize(parent, qat.layer_bits(parent, s["weight_bits"], s["act_bits"], s["first_last_bits"]), images)
-    before = step.accuracy(model)
-    after_step = None
-    if step.parent.row["pruned"]:  # a pruned parent's zeros stay zero (a zero weight quantizes to level 0)
-        kept = [(m.weight, m.weight.detach() != 0) for m in qat.quantized_layers(model).values()]
-
-        @torch.no_grad()
-        def after_step():
-            for w, mask in kept:
-                w.mul_(mask.to(w.device))
-    history = step.finetune(model, after_step=after_step)
-    qat.freeze(model.cpu())
-    arch = {**step.parent.row["arch"], "qat": qat.arch_record(model)}
-    return steps.Made(model, arch, before, history, {"simulated": True, "calibration_images": len(calibration)})
-
-
-def _qat_defaults() -> dict[str, Any]:
-    return {k: f.default for k, f in params.QAT_KEYS.items()}
-
-
-registry.register(registry.Technique(
-    "qat", "03_quantization", "quantization", describe=qat_name, make=_make_qat, defaults=_qat_defaults, trains=True,
-    followed_by=("int8",)))
-
-
 # ---------------------------------------------------------------- the 03 stage
 def run(p: dict[str, Any]) -> steps.Result:
-    """Apply every method of `p['methods']` to the start model (the baseline, or the end of `p['start']`);
-    each is a run in the store (reused when finished), reloaded from its saved file before it is measured."""
+    """Apply every method of `p['methods']` to the start model (the baseline, or the end of `p['start']`): each of
+    its variants (`p[method]`, a list, where the stage has one; else its settings from the stage), then the kinds the
+    technique says follow it (a W8A8 QAT model onto int8 kernels). Each model is a run in the store (reused when
+    finished), reloaded from its saved file before it is measured."""
     def one(ctx: steps.Context, first: bool) -> steps.Result:
         q = ctx.p
         [start_links] = _one_chain(ctx, q)
@@ -154,22 +28,14 @@ def run(p: dict[str, Any]) -> steps.Result:
         start = chain[-1] if chain else ctx.root
         result = steps.Result(ctx, [start])
         for method in q["methods"]:
-            if method in ("fp16", "bf16"):
-                links = [ctx.link(method, {})]
-            elif method == "int8":
-                links = [ctx.link("int8", {"backend": q["int8_backend"], "calibration_images": q["calibration_images"]})]
-            else:
-                keys = params.BC_KEYS if method == "binaryconnect" else params.QAT_KEYS
-                links = [ctx.link(method, {**{k: v[k] for k in keys}, **recipe(q),
-                                           **{k: v[k] for k in ("epochs", "lr", "distill") if k in v}}, seed)
-                         for v in q[method] for seed in v.get("seeds") or [q["seed"]]]
-            for link in links:
-                made = ctx.apply(start, link)
-                result.add(made)
-                if link.kind == "qat" and {link.settings[k] for k in params.QAT_KEYS if k.endswith("bits")} == {8}:
-                    # a W8A8 model ends on int8 CPU kernels, beside 03's post-training INT8
-                    result.add(ctx.apply(made, ctx.link("int8", {"backend": q["int8_backend"],
-                                                                 "calibration_images": q["calibration_images"]})))
+            tech = registry.get(method)
+            for variant in q.get(method) or [{}]:
+                for seed in (variant.get("seeds") or [q["seed"]]) if tech.trains else [None]:
+                    link = ctx.link(method, steps.link_settings(method, variant, q), seed)
+                    made = ctx.apply(start, link)
+                    result.add(made)
+                    for kind in tech.follow(link.settings):
+                        result.add(ctx.apply(made, ctx.link(kind, steps.link_settings(kind, {}, q))))
         return result
 
     return steps.replicated(p, one)

@@ -1,6 +1,6 @@
 """Pruning: unstructured L1 magnitude (masks), structured Ln filter pruning with physical channel
-removal, layer sensitivity. Model in, model out; the 04_pruning stage that fine-tunes and measures
-them is `stages.pruning`.
+removal, layer sensitivity (technique `prune`). The transforms are model in, model out; `_make` fine-tunes
+through the shared step (`steps`), which saves, reloads and measures.
 
 - `unstructured(model, amount, scope)`: torch.nn.utils.prune masks (pruned weights stay zero
   through fine-tuning); `make_permanent` folds them in at the end.
@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 from tqdm import tqdm
 
-from . import models
+from .. import config, models, registry
 
 
 def prunable(model: nn.Module, include_stem: bool = False, include_fc: bool = True) -> list[tuple[str, nn.Module]]:
@@ -280,3 +280,144 @@ def structured_arch(parent: dict, model: nn.Module) -> dict:
     """The arch record of a model whose channels were removed, made from a model of arch record `parent`:
     every layer's shape is recorded, so `models.build` rebuilds it at its sizes."""
     return {**parent, "shapes": models.shapes_of(models.unwrap(model))}
+
+
+# ---------------------------------------------------------------- settings, names and the step
+METHODS = ("l1", "ln_structured")
+ANALYSIS = "prune_analysis"  # the run-store kind of the sensitivity analysis (and 04's curves): no model
+registry.register_analysis(registry.Analysis(ANALYSIS, "04_pruning", "analysis: sensitivity or accuracy-vs-amount "
+                                                                     "curve (no model)"))
+
+KEYS: dict[str, config.Field] = {
+    "method": config.Field(str, "l1", "l1: unstructured L1 magnitude (masked weights); ln_structured: whole output "
+                           "channels with the lowest filter Ln norm, physically removed", choices=METHODS),
+    "scope": config.Field(str, "global", "global: one ranking over all chosen layers; layer: the same amount in each "
+                          "layer (or channel group); sensitivity (l1): per-layer amounts derived from the sensitivity "
+                          "analysis", choices=("global", "layer", "sensitivity")),
+    "schedule": config.Field(str, "oneshot", "oneshot: prune then fine-tune; iterative (l1): `steps` rounds of prune a "
+                             "little more, fine-tune, on a gradual (cubic) schedule, with the epochs split between them",
+                             choices=("oneshot", "iterative")),
+    "steps": config.Field(int, 3, "iterative schedule: prune/fine-tune rounds", low=1, high=100),
+    "norm": config.Field(int, 1, "ln_structured: n of the Ln norm that ranks filters (1 like the old scripts, or 2)",
+                         choices=(1, 2)),
+    # 16: AVX-512 kernels compute 16 channels at a time, AVX2 ones 8; a count between multiples saves MACs, not time
+    "round_to": config.Field(int, 16, "ln_structured: channels kept per layer are rounded to a multiple of this (16 "
+                             "suits AVX-512 CPU kernels, which compute 16 channels at a time)", low=1, high=1024),
+    "include_stem": config.Field(bool, False, "also prune the first conv (3 input channels: little to gain, much to "
+                                 "lose)"),
+    "include_fc": config.Field(bool, True, "l1: also prune the classifier (last linear)"),
+}
+SENSITIVITY_AMOUNTS = config.Field(list, [0.5, 0.8, 0.9, 0.95], "amounts at which each layer is pruned alone (no "
+                                   "fine-tuning) for the sensitivity analysis on the validation split; empty: skip it",
+                                   validator=config.fractions(True, "amounts"))
+CONFIG: dict[str, config.Field] = {
+    **KEYS, "amount": config.Field(float, None, "share of the chosen weights zeroed (l1) or of the channels removed "
+                                   "(ln_structured), in [0, 1)", low=0.0, high=1.0, high_open=True, required=True),
+    "sensitivity_amounts": SENSITIVITY_AMOUNTS, **config.LINK_TRAINING}
+
+
+def check_link(where: str, v: dict[str, Any], sensitivity_amounts: list[float]) -> None:
+    """What spans keys of one pruning recipe (a variant, or a `prune` link)."""
+    if v["method"] == "ln_structured" and v["scope"] == "sensitivity":
+        raise config.ParamsError(f"{where}: scope 'sensitivity' derives per-layer amounts of weights; it works with method 'l1'")
+    if v["method"] == "ln_structured" and v["schedule"] == "iterative":
+        raise config.ParamsError(f"{where}: the iterative schedule is for method 'l1' (structured pruning here is one-shot)")
+    if v["schedule"] == "iterative" and v["epochs"] < v["steps"]:
+        raise config.ParamsError(f"{where}: {v['steps']} iterative steps need at least as many epochs, not {v['epochs']}")
+    if v["scope"] == "sensitivity":
+        if not sensitivity_amounts:
+            raise config.ParamsError(f"{where}: scope 'sensitivity' needs the sensitivity analysis: set 'sensitivity_amounts'")
+        amounts = v["amounts"] if "amounts" in v else [v["amount"]]
+        if max(amounts) > max(sensitivity_amounts):
+            raise config.ParamsError(f"{where}: amount {max(amounts)} exceeds the largest sensitivity amount "
+                              f"{max(sensitivity_amounts)}; per-layer amounts are derived only within the measured range")
+
+
+def _normalize(s: dict[str, Any]) -> dict[str, Any]:
+    """Drop the settings that do not apply, so equivalent recipes share a run."""
+    drop = ("schedule", "steps", "include_fc") if s["method"] == "ln_structured" else ("norm", "round_to")
+    if s["scope"] != "sensitivity":
+        drop += ("sensitivity_amounts",)
+    return {k: v for k, v in s.items() if k not in drop}
+
+
+def _check(where: str, s: dict[str, Any]) -> None:
+    check_link(where, s, s["sensitivity_amounts"])
+
+
+def family(s: dict[str, Any]) -> str:
+    """The curve a pruning recipe belongs to: its method and scope (and schedule)."""
+    if s["method"] == "l1":
+        return ", ".join(["L1 unstructured", s["scope"]] + ([f"{s['steps']} steps"] if s.get("schedule") == "iterative" else []))
+    return f"L{s['norm']:g} structured, {s['scope']}"
+
+
+def name(s: dict[str, Any]) -> str:
+    """A pruned model's name, e.g. 'L1 unstructured, global, 80%' or 'L1 structured, global, 60% of channels'."""
+    if s["method"] == "l1":
+        parts = ["L1 unstructured", s["scope"], f"{s['amount']:.0%}"]
+        return ", ".join(parts + ([f"{s['steps']} steps"] if s["schedule"] == "iterative" else []))
+    return f"L{s['norm']:g} structured, {s['scope']}, {s['amount']:.0%} of channels"
+
+
+# ---------------------------------------------------------------- the step
+def _layer_amounts(step, s: dict[str, Any], layers: list) -> float | dict[str, float]:
+    if s["scope"] != "sensitivity":
+        return s["amount"]
+    drops = analyse(step.ctx, step.parent, s["sensitivity_amounts"])
+    sizes = {n: m.weight.numel() for n, m in layers}
+    return amounts_from_sensitivity({n: {a: drops["val_acc"] - x for a, x in drops["acc"][n].items()} for n in sizes},
+                                          sizes, s["amount"])
+
+
+def _make(step) -> registry.Made:
+    s, parent = step.settings, step.parent.model
+    if s["method"] == "ln_structured":
+        model, plan = structured(copy.deepcopy(parent), s["amount"], s["norm"], s["scope"], s["round_to"],
+                                       s["include_stem"])
+        before = step.accuracy(model)
+        history = step.finetune(model)
+        model = model.to("cpu", memory_format=torch.contiguous_format)
+        return registry.Made(model, structured_arch(step.parent.row["arch"], model), before, history,
+                          {"method": s["method"], "amount": s["amount"],
+                           "removed_channels": {k: len(i) for k, i in plan.items()}})
+    model = copy.deepcopy(parent)
+    layers = prunable(model, s["include_stem"], s["include_fc"])
+    target = _layer_amounts(step, s, layers)
+    n = s["steps"] if s["schedule"] == "iterative" else 1
+    amount = s["amount"]
+    fractions = [f / amount for f in gradual(amount, n)] if amount > 0 else [1.0] * n
+    epochs = [s["epochs"] // n + (1 if i < s["epochs"] % n else 0) for i in range(n)]
+    before, history = None, []
+    for i, (f, e) in enumerate(zip(fractions, epochs)):
+        step_target = {k: a * f for k, a in target.items()} if isinstance(target, dict) else target * f
+        model.to("cpu", memory_format=torch.contiguous_format)  # after fit: channels_last, maybe on the GPU
+        unstructured(model, step_target, "global" if s["scope"] == "global" else "layer", layers)
+        if before is None:
+            before = step.accuracy(model)  # the first cut: what the first fine-tuning starts from
+        part = step.finetune(model, epochs=e, checkpoint=f"checkpoint_{i}.pt")
+        history += [{**r, "epoch": len(history) + r["epoch"], "step": i + 1} for r in part]  # one epoch count
+    model = make_permanent(model).to("cpu", memory_format=torch.contiguous_format)
+    return registry.Made(model, step.parent.row["arch"], before, history,
+                      {"method": s["method"], "amount": amount, "layer_amounts": target if isinstance(target, dict) else None,
+                       "step_sparsity": gradual(amount, n)})
+
+
+def analyse(ctx, parent, amounts: list[float]) -> dict[str, Any]:
+    """Validation accuracy of `parent` with one layer L1-pruned at each amount (validation: it chooses amounts),
+    one view per image (a relative measure, twice as fast): {'layers', 'amounts', 'val_acc', 'acc': {layer: {amount: acc}}}."""
+    def compute() -> dict[str, Any]:
+        model = copy.deepcopy(parent.model)
+        layers = [n for n, _ in prunable(model, True, True)]
+        acc = sensitivity(model, layers, amounts, lambda m: ctx.evaluate_split(m, "val", flip=False), ctx.p["progress"])
+        return {"layers": layers, "amounts": amounts, "val_acc": ctx.evaluate_split(model, "val", flip=False),
+                "acc": {n: {str(a): v for a, v in d.items()} for n, d in acc.items()}}
+
+    m = ctx.cached(ANALYSIS, {"kind": "sensitivity", "parent": parent.ref, "amounts": amounts}, compute)
+    return {**m, "acc": {n: {float(a): v for a, v in d.items()} for n, d in m["acc"].items()}}
+
+
+
+registry.register(registry.Technique(
+    "prune", "04_pruning", "pruning", describe=name, make=_make, config=CONFIG, check=_check, trains=True,
+    prunes=True, normalize=_normalize))

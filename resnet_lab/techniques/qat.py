@@ -1,4 +1,4 @@
-"""Quantization-aware training (transforms): learned-step-size fake quantization of conv/linear layers.
+"""Quantization-aware training (technique `qat`): learned-step-size fake quantization of conv/linear layers.
 
 Each conv and linear layer is replaced by one that quantizes its weight per output channel (symmetric,
 signed: the integers −2^(b−1) … 2^(b−1)−1 times a step per channel) and the activation entering it per
@@ -12,24 +12,29 @@ measured on a calibration pass over training images. Built on torch's autograd o
 
 `freeze` ends training: each weight becomes its quantized value (integer levels times the step), so the
 model computes the same without the weight quantizer, and `arch_record` describes the layers for
-`models.build`; `packed` stores such a weight at its real width (b bits per entry plus a step per channel).
+`models.build` (the arch key `qat`); `save` stores such a weight at its real width through `packed` (b bits
+per entry plus a step per channel). The first conv and the last linear stay at `first_last_bits` (8), as
+most QAT papers keep them.
 Sub-8-bit models are simulated: the arithmetic is float32 on float32 levels (no int4 CPU kernels).
 """
 from __future__ import annotations
 
+import copy
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import config, models, packed, registry
+from .. import data as data_mod
+
 WEIGHT_BITS = (8, 4, 3, 2)
 ACT_BITS = (8, 4)
 
 
-def levels(bits: int, signed: bool) -> tuple[int, int]:
-    """(q_min, q_max) of a `bits`-bit integer grid: signed −2^(b−1) … 2^(b−1)−1, unsigned 0 … 2^b−1."""
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+levels = packed.int_range  # (q_min, q_max) of a `bits`-bit integer grid, signed or not
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -102,6 +107,24 @@ class _Quantized:
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight if self.frozen else self.w_quant(self.weight)
+
+    # what `metrics` reads of a layer that computes on an integer grid (it names no technique)
+    def grid_weight(self) -> torch.Tensor:
+        return self.quantized_weight()
+
+    @property
+    def input_bits(self) -> int:
+        return self.a_quant.bits
+
+    def as_plain(self) -> nn.Module:
+        """This frozen layer as a plain conv/linear holding its quantized weight, without the input quantizer
+        (what INT8 takes to put a W8A8 model on int8 kernels)."""
+        if not self.frozen:
+            raise ValueError("the layer is not frozen: freeze the QAT model first")
+        m = copy.deepcopy(self)
+        m.__class__ = nn.Conv2d if isinstance(self, nn.Conv2d) else nn.Linear
+        del m.w_quant, m.a_quant, m.frozen
+        return m
 
 
 class QConv2d(_Quantized, nn.Conv2d):
@@ -192,18 +215,68 @@ def rebuild(model: nn.Module, record: dict[str, list]) -> nn.Module:
 
 
 def float_model(model: nn.Module) -> nn.Module:
-    """A frozen QAT model as plain conv/linear layers holding its quantized weights, without the input quantizers:
-    what post-training INT8 (`quantize.int8`) takes to put a W8A8 model on int8 CPU kernels (BatchNorm folded in,
-    activation ranges observed again). A new model."""
-    import copy
-
+    """A frozen QAT model as plain conv/linear layers holding its quantized weights, without the input quantizers
+    (see `as_plain`). A new model."""
     model = copy.deepcopy(model)
     for name, q in quantized_layers(model).items():
-        if not q.frozen:
-            raise ValueError(f"{name} is not frozen: freeze the QAT model first")
-        plain = nn.Conv2d if isinstance(q, nn.Conv2d) else nn.Linear
-        m = copy.deepcopy(q)
-        m.__class__ = plain
-        del m.w_quant, m.a_quant, m.frozen
-        model.set_submodule(name, m)
+        model.set_submodule(name, q.as_plain())
     return model
+
+
+models.register_arch("qat", rebuild, order=30)  # after the layers are resized
+
+
+# ---------------------------------------------------------------- settings, file and the step
+KEYS: dict[str, config.Field] = {
+    "weight_bits": config.Field(int, 4, "bits of every conv/linear weight (per output channel, symmetric, learned "
+                                "step)", choices=WEIGHT_BITS),
+    "act_bits": config.Field(int, 4, "bits of the activation entering every conv/linear layer (per tensor, learned "
+                             "step; unsigned after a ReLU)", choices=ACT_BITS),
+    "first_last_bits": config.Field(int, 8, "bits of the first conv and the last linear, weights and input (the "
+                                    "layers most sensitive to quantization)", choices=(8, 4)),
+    "calibration_images": config.Field(int, 512, "training images (not augmented) whose forward pass sets the "
+                                       "initial steps", low=1, high=50_000),
+}
+CONFIG: dict[str, config.Field] = {**KEYS, **config.LINK_TRAINING}
+
+
+def save(model: nn.Module, path: str | os.PathLike, arch: dict) -> os.PathLike:
+    """The model packed, each frozen weight at its bits (its integer codes, the step per channel beside them)."""
+    levels = {f"{layer}.weight": (int(bits[0]), f"{layer}.w_quant.step") for layer, bits in arch.get("qat", {}).items()}
+    return packed.save(models.unwrap(model).state_dict(), path, arch, levels)
+
+
+def name(s: dict) -> str:
+    edges = f", first/last {s['first_last_bits']}-bit" if s["first_last_bits"] != max(s["weight_bits"], s["act_bits"]) else ""
+    return f"QAT W{s['weight_bits']}A{s['act_bits']} (LSQ{edges}, simulated)"
+
+
+def _make(step) -> registry.Made:
+    s, parent = step.settings, step.parent.model
+    n, train_split = s["calibration_images"], step.ctx.dataset.train
+    calibration = data_mod.Split(train_split.images[:n], train_split.labels[:n])
+    images, _ = next(iter(data_mod.Batches(calibration, len(calibration), "cpu")))  # one batch, normalized
+    model = quantize(parent, layer_bits(parent, s["weight_bits"], s["act_bits"], s["first_last_bits"]), images)
+    before = step.accuracy(model)
+    after_step = None
+    if step.parent.row["pruned"]:  # a pruned parent's zeros stay zero (a zero weight quantizes to level 0)
+        kept = [(m.weight, m.weight.detach() != 0) for m in quantized_layers(model).values()]
+
+        @torch.no_grad()
+        def after_step():
+            for w, mask in kept:
+                w.mul_(mask.to(w.device))
+    history = step.finetune(model, after_step=after_step)
+    freeze(model.cpu())
+    arch = {**step.parent.row["arch"], "qat": arch_record(model)}
+    return registry.Made(model, arch, before, history, {"simulated": True, "calibration_images": len(calibration)})
+
+
+def _deployed(s: dict) -> tuple[str, ...]:
+    """A model whose every layer is at 8 bits ends on int8 CPU kernels, beside the post-training INT8."""
+    return ("int8",) if {s[k] for k in KEYS if k.endswith("bits")} == {8} else ()
+
+
+registry.register(registry.Technique(
+    "qat", "03_quantization", "quantization", describe=name, make=_make, save=save, config=CONFIG, trains=True,
+    followed_by=("int8",), follow=_deployed))

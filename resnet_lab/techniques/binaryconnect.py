@@ -1,115 +1,38 @@
-"""Quantization transforms and their file formats: FP16/BF16, INT8 post-training static quantization,
-BinaryConnect with a packed 1-bit export. Model in, model out; no run store, no fine-tuning here
-(the shared step mechanism in `steps` runs them; `stages.quantization` registers them).
+"""BinaryConnect (Courbariaux et al. 2015, "BinaryConnect: Training Deep Neural Networks with binary weights
+during propagations"): technique `binaryconnect`.
 
-- `half(model, dtype)`: the model in float16 or bfloat16, BatchNorm kept in float32.
-- `int8(model, calibration)`: `torch.ao.quantization` FX graph mode, x86 engine (see `int8`);
-  `save_int8` / `load_int8`: its file.
-- `binarize(model, ...)`, `clip_`: BinaryConnect (Courbariaux et al. 2015) as weight parametrizations;
-  `save_binary`: 1 bit per binarized weight, packed (`packed.load_model` rebuilds it).
+The real-valued weights stay the trained parameters; the forward and backward passes see sign(w) (±1, or ±α
+per output channel with `scale`, XNOR-Net); after each optimizer step the real weights are clipped to
+[−1, 1]. sign(0) = +1, so a weight takes exactly two values (the old scripts' sign(0) = 0 made a third);
+a pruned parent's zeros stay zero. The file holds 1 bit per binarized weight (`packed`), not the
+full-precision weights the old scripts saved.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import data as data_mod
-from . import models, packed, runs
+from .. import config, models, packed, registry
 
-# ---------------------------------------------------------------- FP16 / BF16
-Precision = models.Precision  # the half-precision form of a model (BatchNorm in float32)
+LAYER_CHOICES = ("inner", "all")
 
-
-def half(model: nn.Module, dtype: torch.dtype = torch.float16) -> models.Precision:
-    """A half-precision copy of `model` (its file is about half the float32 size)."""
-    return models.Precision(copy.deepcopy(model), dtype).eval()
-
-
-def half_arch(arch: dict, dtype: torch.dtype) -> dict:
-    """The arch record of `half(model, dtype)` for a model of `arch`."""
-    return {**arch, "precision": str(dtype).removeprefix("torch.")}
-
-
-# ---------------------------------------------------------------- INT8
-# torch.ao.quantization is deprecated in favour of torchao's PT2E flow, whose CPU speed comes from
-# lowering through torch.compile/Inductor (a C++ toolchain and minutes of compilation). The FX flow
-# runs eagerly on the fbgemm/oneDNN int8 kernels and works on torch 2.14, so it is the one used here.
-@contextlib.contextmanager
-def _quiet_ao():
-    """Silence the FX flow's deprecation notices (the choice is explained above), nothing else."""
-    with warnings.catch_warnings():
-        for pattern in (r".*torch\.ao\.quantization is deprecated.*", r".*reduce_range will be deprecated.*",
-                        r".*quantized tensor creation functions.*", r".*must run observer before calling calculate_qparams.*",
-                        r".*TypedStorage is deprecated.*"):  # the last: loading quantized tensors
-            warnings.filterwarnings("ignore", message=pattern)
-        yield
+KEYS: dict[str, config.Field] = {
+    "init": config.Field(str, "pretrained", "start from the parent's trained weights or from scratch (its "
+                         "architecture, random weights)", choices=("pretrained", "scratch")),
+    "layers": config.Field(str, "inner", "binarized layers: every conv/linear except the first conv and the last "
+                           "linear, or all of them", choices=LAYER_CHOICES),
+    "mode": config.Field(str, "deterministic", "sign (sign(0) = +1) or stochastic (hard-sigmoid probability)",
+                         choices=("deterministic", "stochastic")),
+    "scale": config.Field(bool, False, "multiply the signs by α = mean |w| per output channel (XNOR-Net)"),
+}
+CONFIG: dict[str, config.Field] = {**KEYS, **config.LINK_TRAINING}
 
 
-def _prepare_int8(model: nn.Module, backend: str) -> nn.Module:
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import prepare_fx
-
-    torch.backends.quantized.engine = backend
-    model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
-    return prepare_fx(model, get_default_qconfig_mapping(backend), example_inputs=(torch.zeros(1, 3, 32, 32),))
-
-
-def int8(model: nn.Module, calibration: data_mod.Batches, backend: str = "x86") -> nn.Module:
-    """Post-training static INT8 (weights per channel, activations per tensor), calibrated on `calibration`.
-
-    Conv+BN(+ReLU) are fused first; the residual `add + relu` becomes a quantized add_relu. The
-    result runs on the CPU, takes float32 input and returns float32 logits.
-    """
-    from torch.ao.quantization.quantize_fx import convert_fx
-
-    with _quiet_ao():
-        prepared = _prepare_int8(model, backend)
-        with torch.inference_mode():
-            for x, _ in calibration:
-                prepared(x.cpu().contiguous())
-        return convert_fx(prepared)
-
-
-INT8_FORMAT = "resnet-lab/int8/1"
-
-
-def int8_arch(arch: dict, backend: str) -> dict:
-    """The arch record of `int8(model, …, backend)` for a float model of `arch`: the float model's record
-    (its graph is rebuilt from it) and the engine."""
-    return {**{k: v for k, v in arch.items() if k != "qat"}, "int8": backend}  # a QAT parent: its float layers
-
-
-def save_int8(model: nn.Module, path: str | os.PathLike, arch: dict) -> Path:
-    """Write an `int8` model: its quantized state (int8 weights, scales, zero points) with its arch record."""
-    return runs.save_torch(path, {"format": INT8_FORMAT, "arch": arch, "state": model.state_dict()})
-
-
-def load_int8(path: str | os.PathLike) -> nn.Module:
-    """Rebuild the quantized graph from the file's arch record and load its saved int8 state."""
-    from torch.ao.quantization.quantize_fx import convert_fx
-
-    with _quiet_ao():
-        blob = runs.load_torch(path)
-        if not isinstance(blob, dict) or blob.get("format") != INT8_FORMAT:
-            raise runs.RunStoreError(f"{path} is not a resnet-lab INT8 file ({INT8_FORMAT})")
-        try:
-            arch = blob["arch"]
-            model = convert_fx(_prepare_int8(models.build(arch), arch["int8"]))
-            model.load_state_dict(blob["state"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise runs.RunStoreError(f"{path} is a damaged INT8 file: {type(e).__name__}: "
-                                     f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    return model
-
-
-# ---------------------------------------------------------------- BinaryConnect
 class _SignSTE(torch.autograd.Function):
     """Binarize in the forward pass; pass the gradient straight through to the real weights."""
 
@@ -219,12 +142,32 @@ def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
         model.train(was_training)
 
 
-def save_binary(model: nn.Module, path: str | os.PathLike, arch: dict) -> Path:
+def save(model: nn.Module, path: str | os.PathLike, arch: dict) -> Path:
     """Write `model` with 1 bit per binarized weight (plus a 1-bit mask where pruned), α, BatchNorm and
     float layers (`packed`); it loads with `torch.load(weights_only=True)`."""
     return packed.save(plain_state(model), path, arch)
 
 
-def load_binary(path: str | os.PathLike) -> nn.Module:
+def load(path: str | os.PathLike) -> nn.Module:
     """Rebuild a plain float32 model whose binarized layers hold ±1 (or ±α): the same predictions."""
     return packed.load_model(path)
+
+
+# ---------------------------------------------------------------- the step
+def name(s: dict) -> str:
+    extras = [s["mode"], f"{s['layers']} layers"] + (["α"] if s["scale"] else []) + (["from scratch"] if s["init"] == "scratch" else [])
+    return f"BinaryConnect ({', '.join(extras)})"
+
+
+def _make(step) -> registry.Made:
+    s, arch = step.settings, step.parent.row["arch"]
+    model = copy.deepcopy(step.parent.model) if s["init"] == "pretrained" else models.build(arch)
+    names = binarize(model, s["layers"], s["mode"], s["scale"], keep_zeros=True)  # a pruned parent's zeros stay
+    before = step.accuracy(model)
+    history = step.finetune(model, after_step=lambda: clip_(model))
+    return registry.Made(model, arch, before, history, {"binarized_layers": len(names)})
+
+
+registry.register(registry.Technique(
+    "binaryconnect", "03_quantization", "quantization", describe=name, make=_make, save=save, config=CONFIG,
+    trains=True))
