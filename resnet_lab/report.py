@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import subprocess
 import sys
 import time
 from datetime import datetime
@@ -81,8 +82,9 @@ def inputs_digest(name: str, values: dict[str, Any]) -> str:
     """What a report is computed from, besides the run store: its notebook, its parameters, the module's code."""
     h = hashlib.sha256((PROJECT_ROOT / "notebooks" / f"{name}.ipynb").read_bytes())
     h.update(json.dumps(values, sort_keys=True, default=str).encode())
-    for source in sorted((PROJECT_ROOT / "resnet_lab").glob("*.py")):
-        h.update(source.name.encode() + source.read_bytes())
+    package = PROJECT_ROOT / "resnet_lab"
+    for source in sorted(package.rglob("*.py")):  # subpackages too: stages/, techniques/
+        h.update(source.relative_to(package).as_posix().encode() + source.read_bytes())
     return h.hexdigest()
 
 
@@ -129,6 +131,7 @@ def _build(profile: str, out: Path, only: list[str] | None, overrides: dict[str,
     stamps = _read_stamps(out)
     done: list[dict] = []
     failure = None
+    now = provenance(profile)  # where and from what the reports this build executes are measured
     for name, params_file in plan(profile, only):
         values = {**params_mod.read_yaml(params_file), **(overrides or {})}
         executed, page = out / f"{name}.ipynb", out / f"{name}.html"
@@ -140,7 +143,8 @@ def _build(profile: str, out: Path, only: list[str] | None, overrides: dict[str,
                 and isinstance(stamp.get("reads"), list) and stamp.get("store") == store_digest(run_root, stamp["reads"])):
             print(f"[report] {name}: up to date (built in {stamp.get('seconds', 0):.0f} s; --force runs it again)", flush=True)
             done.append({**entry, "seconds": 0.0, "built_in": stamp.get("seconds"), "skipped": True,
-                         "reads": stamp["reads"], "headline": read_output(executed, HEADLINE_KEY)})
+                         "reads": stamp["reads"], "headline": read_output(executed, HEADLINE_KEY),
+                         "provenance": stamp.get("provenance")})
             continue
         print(f"[report] {name} with {params_file.relative_to(PROJECT_ROOT)}", flush=True)
         # its stamp leaves the disk before papermill starts rewriting the report: a build interrupted now (Ctrl-C,
@@ -157,6 +161,7 @@ def _build(profile: str, out: Path, only: list[str] | None, overrides: dict[str,
         if executed.is_file():
             render_html(executed, page)
         done.append({**entry, "seconds": seconds, "built_in": seconds, "skipped": False, "failed": bool(failure),
+                     "provenance": now,
                      "headline": read_output(executed, HEADLINE_KEY) if executed.is_file() else None,
                      "reads": read_output(executed, READS_KEY) if executed.is_file() else None})
         if failure:
@@ -166,9 +171,10 @@ def _build(profile: str, out: Path, only: list[str] | None, overrides: dict[str,
     for d in done:
         if not d["failed"] and isinstance(d["reads"], list):
             stamps[d["name"]] = {"inputs": d["inputs"], "reads": d["reads"], "store": store_digest(d["run_root"], d["reads"]),
-                                 "seconds": d["built_in"], "profile": d["profile"], "params": d["params"]}
+                                 "seconds": d["built_in"], "profile": d["profile"], "params": d["params"],
+                                 "provenance": d.get("provenance")}
     write_json(out / STAMPS, stamps)
-    write_index(out / "index.html", _with_earlier_reports(done, profile, out, stamps), profile)
+    write_index(out / "index.html", _with_earlier_reports(done, profile, out, stamps), profile, now)
     print("[report] wall time: " + ", ".join(f"{d['name']} {d['seconds']:.0f} s" + (" (up to date)" if d["skipped"] else "")
                                              for d in done)
           + f"; total {sum(d['seconds'] for d in done):.0f} s", flush=True)
@@ -192,7 +198,8 @@ def _with_earlier_reports(done: list[dict], profile: str, out: Path, stamps: dic
         elif (out / f"{name}.ipynb").is_file() and (out / f"{name}.html").is_file():
             stamp = stamps.get(name, {})
             entries.append({"name": name, "params": _text(stamp.get("params")), "profile": _text(stamp.get("profile")),
-                            "seconds": None, "failed": False, "headline": read_output(out / f"{name}.ipynb", HEADLINE_KEY)})
+                            "seconds": None, "failed": False, "headline": read_output(out / f"{name}.ipynb", HEADLINE_KEY),
+                            "provenance": stamp.get("provenance")})
     return entries
 
 
@@ -248,29 +255,95 @@ def _took(entry: dict) -> str:
 UNKNOWN = "<i>unknown: its last build did not finish</i>"
 
 
-def write_index(path: Path, entries: list[dict], profile: str) -> Path:
-    """The index page: one row per report with its headline, the profile and params file it was built with (each
-    row its own: a report left by an earlier build of another profile says so), and its build time."""
+def git_commit(root: Path = PROJECT_ROOT) -> str:
+    """The commit the project's code is at: its short hash, followed by "+ uncommitted changes" when a tracked file
+    differs from it (untracked files, such as the generated reports/ and runs/, do not count); "unknown" where git
+    is missing, fails, or `root` is not the top of a git work tree (a copy unpacked inside another repository)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != Path(root).resolve():
+            return "unknown"
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return "unknown"
+    if not commit:
+        return "unknown"
+    return f"{commit} + uncommitted changes" if dirty else commit
+
+
+def provenance(profile: str) -> dict[str, str]:
+    """What the figures a build measures came from: when, the commit, the machine (the CPU with the flags that decide
+    its kernels, cores, torch and its threads, the GPU if any: `metrics.machine()`) and the profile."""
+    from . import metrics  # imports torch: only when a build or the index needs it
+
+    return {"built": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z").strip(), "commit": git_commit(),
+            "machine": metrics.machine(), "profile": profile}
+
+
+def _provenance(value: Any) -> dict[str, str] | None:
+    """A stamp's provenance as read from .build.json (a file on disk: anything), or None where it is not one."""
+    if not isinstance(value, dict):
+        return None
+    kept = {k: value.get(k) for k in ("built", "commit", "machine", "profile")}
+    return kept if all(isinstance(v, str) for v in kept.values()) else None
+
+
+def _built_where(entry: dict, now: dict[str, str]) -> str:
+    """For a report this build did not execute: when, at which commit and, when elsewhere, on which machine it was."""
+    if entry.get("provenance") is now or (not entry.get("skipped") and entry.get("seconds") is not None):
+        return ""
+    earlier = _provenance(entry.get("provenance"))
+    if earlier is None:
+        return "<br><small>measured by an earlier build; when and where were not recorded</small>"
+    text = f"measured {escape(earlier['built'])} at commit <code>{escape(earlier['commit'])}</code>"
+    if earlier["machine"] != now["machine"]:
+        text += f" on another machine: {escape(earlier['machine'])}"
+    return f"<br><small>{text}</small>"
+
+
+def write_index(path: Path, entries: list[dict], profile: str, built: dict[str, str] | None = None) -> Path:
+    """The index page. It opens with the provenance of the build (`built`, from `provenance(profile)` when not
+    given): the date, the commit, the machine and the profile the measured figures came from. Then one row per
+    report with its headline, the profile and params file it was built with (each row its own: a report left by an
+    earlier build of another profile says so), its build time and, for a report an earlier build measured, when, at
+    which commit and on which machine."""
+    built = built or provenance(profile)
     rows = "\n".join(
         f"<tr><td><a href='{html.escape(e['name'])}.html'>{html.escape(e['name'])}</a></td>"
         f"<td>{'<b class=fail>FAILED</b> ' if e['failed'] else ''}{html.escape(e['headline'] or '')}</td>"
-        f"<td>{_code(e.get('profile'), UNKNOWN)}</td><td>{_code(e.get('params'), '<i>unknown</i>', 'params/')}</td><td class=num>{_took(e)}</td></tr>"
+        f"<td>{_code(e.get('profile'), UNKNOWN)}</td><td>{_code(e.get('params'), '<i>unknown</i>', 'params/')}</td>"
+        f"<td class=num>{_took(e)}{_built_where(e, built)}</td></tr>"
         for e in entries)
     others = sorted({e.get("profile") or "unknown" for e in entries} - {profile})
-    built = (f"Built with profile <code>{html.escape(profile)}</code>" if not others else
-             f"This build used profile <code>{html.escape(profile)}</code>; <b>rows of another profile "
-             f"({html.escape(', '.join(others))}) are reports left by an earlier build</b>")
+    summary = (f"Built with profile <code>{html.escape(profile)}</code>" if not others else
+               f"This build used profile <code>{html.escape(profile)}</code>; <b>rows of another profile "
+               f"({html.escape(', '.join(others))}) are reports left by an earlier build</b>")
+    commit, _, dirty = built["commit"].partition(" + ")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>resnet-lab reports</title>
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; }}
 table {{ border-collapse: collapse; width: 100%; }}
 th, td {{ text-align: left; padding: .5rem .7rem; border-bottom: 1px solid #ddd; vertical-align: top; }}
-th {{ background: #f3f3f3; }} .num {{ text-align: right; white-space: nowrap; }} .fail {{ color: #b00; }}
+th {{ background: #f3f3f3; }} .num {{ text-align: right; }} .fail {{ color: #b00; }}
+dl.provenance {{ display: grid; grid-template-columns: max-content auto; gap: .2rem 1rem; background: #f7f7f7;
+  padding: .7rem 1rem; border-left: 4px solid #888; }}
+dl.provenance dt {{ font-weight: 600; }} dl.provenance dd {{ margin: 0; }}
 </style></head><body>
 <h1>resnet-lab reports</h1>
-<p>{built}, generated {datetime.now().strftime('%Y-%m-%d %H:%M')}.
-Each report is a notebook executed by papermill; its parameters are in the first cells.</p>
+<dl class=provenance id=provenance>
+<dt>built</dt><dd>{escape(built["built"])}</dd>
+<dt>commit</dt><dd><code>{escape(commit)}</code>{" + " + escape(dirty) if dirty else ""}</dd>
+<dt>machine</dt><dd>{escape(built["machine"])}</dd>
+<dt>profile</dt><dd><code>{escape(built["profile"])}</code></dd>
+</dl>
+<p>The figures of the reports this build executed were measured then, on that machine, from that commit; a row
+that an earlier build measured says when, at which commit and, if elsewhere, on which machine.
+{summary}. Each report is a notebook executed by papermill; its parameters are in the first cells.</p>
 <table><thead><tr><th>report</th><th>result</th><th>profile</th><th>parameters</th><th>run time</th></tr></thead>
 <tbody>
 {rows}
