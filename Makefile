@@ -19,6 +19,7 @@ $(VENV)/.ready: pyproject.toml
 	touch $@
 
 test: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 report: setup

@@ -91,18 +91,6 @@ def _f(kind, default, help, **kw) -> Field:
     return Field(kind, default, help, **kw)
 
 
-def _available(key: str, value: str) -> str:
-    """A device named explicitly must exist on this machine: refused before any work, not after minutes of it."""
-    import torch
-
-    if value == "cuda" and not torch.cuda.is_available():
-        raise ParamsError(f"parameter '{key}' = 'cuda', but this machine has no CUDA GPU that torch can use "
-                          "(use 'auto' or 'cpu')")
-    if value == "mps" and not torch.backends.mps.is_available():
-        raise ParamsError(f"parameter '{key}' = 'mps', but MPS is not available on this machine (use 'auto' or 'cpu')")
-    return value
-
-
 # Keys shared by every stage that loads data, builds a model or writes a run.
 COMMON: dict[str, Field] = {
     "profile": _f(str, "default", "label of the profile these params belong to", choices=("default", "full", "smoke", "seeds")),
@@ -113,8 +101,7 @@ COMMON: dict[str, Field] = {
     "val_fraction": _f(float, 0.1, "share of the training set held out for validation", low=0.0, high=0.5),
     "seed": _f(int, 0, "seed of the split, the initialisation, the shuffling and the augmentation", low=0,
                high=2**32 - 1),  # numpy's seeds stop there; torch's a little further
-    "device": _f(str, "auto", "compute device (auto: cuda, then mps, then cpu)", choices=("auto", "cpu", "cuda", "mps"),
-                 validator=_available),
+    "device": _f(str, "auto", "compute device (auto: cuda, then mps, then cpu)", choices=("auto", "cpu", "cuda", "mps")),
     "eval_batch_size": _f(int, 500, "batch size for evaluation", low=1),
     "measure_batch_size": _f(int, 128, "batch size at which CPU throughput and latency are measured", low=1),
     "run_root": _f(str, "runs", "run store folder (relative to the repo root)"),
@@ -122,11 +109,14 @@ COMMON: dict[str, Field] = {
     "progress": _f(bool, True, "show tqdm progress bars"),
 }
 
-# Keys of one training recipe (the baseline, and every fine-tuning later).
+# Keys of one training recipe (the baseline, and every fine-tuning later). The defaults are the default profile's
+# baseline (the real 5k-image CIFAR-10 subset on a 2-core CPU): chosen on the validation split, a narrow ResNet18
+# (width 16) trained for 40 epochs beat widths 24 and 32 trained for fewer epochs in the same 5-minute budget.
+# The full profile (params/full.yaml) trains the standard width 64 on a GPU.
 TRAINING: dict[str, Field] = {
-    "width": _f(int, 64, "channels of the first ResNet18 stage (64 = the standard ResNet18)", low=1, high=1024),
-    "epochs": _f(int, 10, "training epochs", low=1, high=10_000),
-    "batch_size": _f(int, 128, "training batch size", low=1, high=65_536),
+    "width": _f(int, 16, "channels of the first ResNet18 stage (64 = the standard ResNet18)", low=1, high=1024),
+    "epochs": _f(int, 40, "training epochs", low=1, high=10_000),
+    "batch_size": _f(int, 64, "training batch size", low=1, high=65_536),
     "optimizer": _f(str, "sgd", "optimizer", choices=("sgd", "adam", "adamw")),
     "lr": _f(float, 0.1, "peak learning rate", low=0.0, high=10.0, low_open=True),
     "momentum": _f(float, 0.9, "SGD momentum (Adam: beta1)", low=0.0, high=1.0, high_open=True),
@@ -136,10 +126,12 @@ TRAINING: dict[str, Field] = {
     "warmup_fraction": _f(float, 0.25, "one-cycle: share of the steps spent rising to the peak lr", low=0.0, high=1.0, low_open=True, high_open=True),
     "step_size": _f(int, 30, "step schedule: epochs between lr drops", low=1),
     "gamma": _f(float, 0.1, "step schedule: lr factor at each drop", low=0.0, high=1.0, low_open=True),
-    "label_smoothing": _f(float, 0.0, "label smoothing of the cross-entropy", low=0.0, high=1.0, high_open=True),
+    "label_smoothing": _f(float, 0.1, "label smoothing of the cross-entropy", low=0.0, high=1.0, high_open=True),
     "amp": _f(str, "auto", "mixed precision on CUDA (auto: bf16 where supported)", choices=("auto", "bf16", "fp16", "off")),
-    "eval_flip": _f(bool, False, "final evaluation averages each image and its mirror (test-time flip); per-epoch curves use one view"),
-    "test_each_epoch": _f(bool, True, "also evaluate the test set after every epoch (curves only; never used to choose)"),
+    "eval_flip": _f(bool, True, "final evaluation averages each image and its mirror (test-time flip); per-epoch curves use one view"),
+    # the test set is scored once, after the last epoch: a per-epoch test curve cost 8.5% of a 40-epoch training
+    # and is never used to choose (the smoke profile keeps it for the tests that read the curve)
+    "test_each_epoch": _f(bool, False, "also evaluate the test set after every epoch (curves only; never used to choose)"),
 }
 
 REPORTING: dict[str, Field] = {

@@ -70,6 +70,20 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
 
+def _device_exists(key: str, value: str) -> str:
+    """A device named explicitly must exist on this machine: refused before any work, not after minutes of it."""
+    import torch
+
+    from .config import ParamsError
+
+    if value == "cuda" and not torch.cuda.is_available():
+        raise ParamsError(f"parameter '{key}' = 'cuda', but this machine has no CUDA GPU that torch can use "
+                          "(use 'auto' or 'cpu')")
+    if value == "mps" and not torch.backends.mps.is_available():
+        raise ParamsError(f"parameter '{key}' = 'mps', but MPS is not available on this machine (use 'auto' or 'cpu')")
+    return value
+
+
 def check(values: dict[str, Any], model: dict[str, Any]) -> None:
     """Refuse (ParamsError, naming the key) a size in validated `values` whose allocation cannot succeed here.
     `model`: the `width`, `data` and synthetic sizes of the model the run trains or evaluates (the values
@@ -77,6 +91,7 @@ def check(values: dict[str, Any], model: dict[str, Any]) -> None:
     (width 1, the largest CIFAR-10 split), so the need stays a lower bound."""
     from .config import ParamsError
 
+    _device_exists("device", values.get("device", "auto"))
     ram = memory_bytes()
     if not ram:
         return

@@ -113,15 +113,23 @@ def test_from_notebook_catches_papermill_injected_unknown_key():
                                                          ("03_quantization", "quantization.yaml", "quantization"),
                                                          ("04_pruning", "pruning.yaml", "pruning"),
                                                          ("05_svd", "svd.yaml", "svd"),
-                                                         ("06_summary", "summary.yaml", "summary")])
-def test_notebook_parameters_cell_equals_its_default_params_file(notebook, params_file, stage):
+                                                         ("06_summary", "summary.yaml", "summary"),
+                                                         (None, "bench.yaml", "bench")])
+def test_every_default_is_declared_once_and_the_notebooks_and_default_files_mean_the_same(notebook, params_file, stage):
+    """A default lives in the stage's declaration only: the default profile's params file changes nothing, and a
+    notebook's parameters cell lists every key (papermill warns of none) with the declared default's meaning."""
+    declared = params.validate({}, stage)
+    assert params.read_yaml(PARAMS / params_file) == {}  # nothing but comments: no second copy that can disagree
+    assert params.load(PARAMS / params_file, stage) == declared
+    if notebook is None:
+        return
     nb = nbformat.read(ROOT / "notebooks" / f"{notebook}.ipynb", as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     namespace = {}
     exec(cell.source, namespace)
     namespace.pop("__builtins__")
-    assert namespace == yaml.safe_load((PARAMS / params_file).read_text())
     assert set(namespace) == set(params.SCHEMAS[stage])  # every knob visible, papermill warns of none
+    assert params.validate(namespace, stage) == declared
 
 
 def test_identity_ignores_presentation_keys_only():
@@ -133,7 +141,7 @@ def test_identity_ignores_presentation_keys_only():
 
 def test_cli_check_fails_fast_naming_the_key(tmp_path, python):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((PARAMS / "baseline.yaml").read_text() + "batchsize: 64\n")
+    bad.write_text((PARAMS / "smoke.yaml").read_text() + "batchsize: 64\n")
     r = subprocess.run([python, "-m", "resnet_lab", "check", str(bad)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2
     assert "unknown parameter 'batchsize' (did you mean 'batch_size'?)" in r.stderr
@@ -228,7 +236,13 @@ def test_a_params_file_that_is_a_symlink_to_an_endless_file_is_refused(tmp_path)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
-def test_a_device_this_machine_lacks_is_refused_before_any_work():
+def test_a_device_this_machine_lacks_is_refused_before_any_work(tmp_path):
+    # validation is pure (a params file means the same on every machine); the probe after it looks at this one
+    p = params.validate({"device": "cuda"}, "baseline")
     with pytest.raises(ParamsError, match="parameter 'device' = 'cuda', but this machine has no CUDA GPU"):
-        params.validate({"device": "cuda"}, "baseline")
-    assert params.validate({"device": "cpu"}, "baseline")["device"] == "cpu"
+        params.probe(p)
+    f = tmp_path / "gpu.yaml"
+    f.write_text("device: cuda\n")
+    with pytest.raises(ParamsError, match="no CUDA GPU"):
+        params.load(f, "baseline")  # what the notebooks and the command line call: validation, then the probe
+    assert params.probe(params.validate({"device": "cpu"}, "baseline"))["device"] == "cpu"

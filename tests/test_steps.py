@@ -1,11 +1,10 @@
 """The one step mechanism: chains of any registered techniques, runs keyed by their parent, the registry."""
-import copy
 
 import numpy as np
 import pytest
 import torch
 
-from resnet_lab import baselines, bench, metrics, models, packed, params, registry, runs, stats, steps, summary, train
+from resnet_lab import baselines, metrics, models, packed, params, registry, runs, stats, steps, train
 from resnet_lab import techniques as T
 from resnet_lab.stages import factorization, pruning, quantization
 
@@ -210,39 +209,3 @@ def test_models_build_rebuilds_any_order_of_structural_steps(tmp_path):
             assert torch.equal(packed.load_model(path)(x), made.eval()(x))
 
 
-def _toy_make(step):
-    """A toy technique: the parent with its classifier's weights scaled (no training)."""
-    model = copy.deepcopy(step.parent.model)
-    with torch.no_grad():
-        model.linear.weight.mul_(step.settings["factor"])
-    return steps.Made(model, step.parent.row["arch"], extra={"factor": step.settings["factor"]})
-
-
-def test_a_registered_technique_is_listed_by_the_summary_and_bench_untouched(baseline, tmp_path):
-    toy = registry.Technique(
-        "toy", "99_toy", "quantization", describe=lambda s: f"toy ×{s['factor']:g}", make=_toy_make,
-        config={"factor": params.Field(float, 2.0, "scale of the classifier", low=0.0, low_open=True)})
-    registry.register(toy)
-    try:
-        assert registry.check_chain("then", [{"toy": {"factor": 3}}]) == [{"toy": {"factor": 3.0}}]
-        with pytest.raises(params.ParamsError, match="did you mean 'factor'"):
-            registry.check_chain("then", [{"toy": {"facto": 3}}])
-        p = _stage_params("pruning_smoke.yaml", "pruning", baseline, epochs=1, sensitivity_amounts=[], curve_amounts=[],
-                          variants=[{"method": "l1", "scope": "global", "then": [{"toy": {"factor": 3}}]}])
-        result = pruning.run(p)
-        assert result.names()[-1] == "L1 unstructured, global, 50% → toy ×3"
-        sp = params.load(PARAMS / "summary_smoke.yaml", "summary")
-        sp.update(run_root=str(baseline), progress=False)
-        s = summary.run(params.validate(sp, "summary"))
-        df = summary.table(s)
-        assert df.loc["L1 unstructured, global, 50% → toy ×3", "technique"] == "toy"
-        assert df.loc["L1 unstructured, global, 50% → toy ×3", "recipe"] == "converted, no training"
-        # listed under the notebook whose technique starts its chain (the registry's), here 04
-        assert [e["notebook"] for e in s.runs if e["stage"] == "toy"] == ["04_pruning"]
-        bp = params.validate({"baseline": "params/smoke.yaml", "run_root": str(baseline), "rounds": 1,
-                              "measure_batch_size": 8}, "bench")
-        assert "L1 unstructured, global, 50% → toy ×3" in bench.inference(bp)
-    finally:
-        registry.unregister("toy")
-    with pytest.raises(params.ParamsError, match="unknown step 'toy'"):
-        registry.check_chain("then", ["toy"])
