@@ -365,7 +365,7 @@ def infer_stage(path: str | Path) -> str:
         if unknown:
             continue
         try:
-            load(path, stage)
+            validate(doc, stage)
         except ParamsError:
             continue
         fits.append((len(schema), stage))

@@ -78,7 +78,8 @@ def _device_exists(key: str, value: str) -> str:
 
     if value == "cuda" and not torch.cuda.is_available():
         raise ParamsError(f"parameter '{key}' = 'cuda', but this machine has no CUDA GPU that torch can use "
-                          "(use 'auto' or 'cpu')")
+                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}): run it on a machine "
+                          "with a CUDA GPU (the full profile needs one), or set device 'auto' or 'cpu' to train here")
     if value == "mps" and not torch.backends.mps.is_available():
         raise ParamsError(f"parameter '{key}' = 'mps', but MPS is not available on this machine (use 'auto' or 'cpu')")
     return value
