@@ -361,6 +361,10 @@ def notebook_values(namespace: Mapping[str, Any]) -> dict[str, Any]:
             and isinstance(v, (bool, int, float, str, list, dict, type(None)))}
 
 
+# keys renamed since a release: their error names the new key
+RENAMED = {"onnx_agreement_int8": "onnx_agreement_quantized"}
+
+
 def check_all(values: Mapping[str, Any], schema: Mapping[str, Field], name: str) -> dict[str, Any]:
     """Check `values` against `schema`: unknown keys refused (the closest valid one suggested), every key's value
     (or its default) checked and coerced. Pure: reads nothing but its arguments."""
@@ -368,7 +372,8 @@ def check_all(values: Mapping[str, Any], schema: Mapping[str, Field], name: str)
         raise ParamsError(f"parameters must be a mapping of key: value, not {type(values).__name__}")
     unknown = [k for k in values if k not in schema]
     if unknown:
-        lines = [f"unknown parameter '{k}'" + did_you_mean(k, schema) for k in unknown]
+        lines = [f"unknown parameter '{k}'" + (f" (renamed '{RENAMED[k]}')" if RENAMED.get(k) in schema
+                                                else did_you_mean(k, schema)) for k in unknown]
         raise ParamsError("; ".join(lines) + f". Allowed keys for stage '{name}': {', '.join(sorted(schema))}")
     # defaults pass the same checks, so list/dict values are always in their normalized form
     return {key: field.check(key, values[key] if key in values else copy.deepcopy(field.default))

@@ -13,7 +13,6 @@ headlines select by, and one set of column names (below) serves 03, 04, 05 and 0
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -23,7 +22,7 @@ from torch import nn
 
 from . import baselines as baseline_mod
 from . import data as data_mod
-from . import metrics, models, registry, runs, stats, train
+from . import metrics, models, registry, results, runs, stats, train
 from . import params as params_mod
 from .registry import Made  # noqa: F401  (what a technique's `make` returns; tests build it from here)
 
@@ -37,7 +36,7 @@ DELTA = "Δ vs baseline (pt)"
 DELTA_PARENT = "Δ vs parent (pt)"
 ACC_CI = "test 95% interval (%)"
 P_BASELINE = "p vs baseline (paired, BH)"
-VERDICT = "vs baseline"
+VERDICT = results.VERDICT
 BEFORE = "test acc. before fine-tuning (%)"
 BITS = "bits (weights / activations)"
 SPARSITY = "weight sparsity (%)"
@@ -120,12 +119,14 @@ class Result:
     models: list[Model]
     extras: dict[str, Any] = field(default_factory=dict)  # stage analyses (sensitivity, curves)
     bases: dict[str, Model] = field(default_factory=dict)  # the baselines of replicates (run key -> root)
+    _verdicts: results.Verdicts | None = field(default=None, repr=False)
 
     @property
     def baseline(self) -> baseline_mod.BaselineResult:
         return self.ctx.base
 
     def add(self, *made: Model) -> None:
+        self._verdicts = None
         seen = {m.ref for m in self.models}
         self.models += [m for m in made if m.ref not in seen and not seen.add(m.ref)]
 
@@ -144,17 +145,51 @@ class Result:
         return len(self.roots()) > 1
 
     def names(self) -> list[str]:
-        """Each model's name in tables: its lineage, with its seed (or run key) where two share a lineage."""
-        out = []
+        """Each model's name in tables, by the one rule of `results.names`."""
+        roots = self.roots()
+        entries = []
         for m in self.models:
-            twins = [o for o in self.models if o.name == m.name]
-            if len(twins) == 1:
-                out.append(m.name)
-            elif len({o.row.get("seed") for o in twins}) == len(twins):
-                out.append(f"{m.name}, seed {m.row.get('seed')}")
-            else:
-                out.append(f"{m.name} [{m.run.key}]")
+            baseline = m.row["technique"] == "baseline"
+            origin = m.run.key if baseline else m.row["baseline"]
+            label = results.baseline_label(m.row["arch"]["width"]) if baseline else m.name
+            entries.append((label, m.run.key, origin, roots[origin].row["seed"] if origin in roots else None,
+                            m.row.get("seed")))
+        return results.names(entries, self.ctx.root.run.key)
+
+    def _correct(self, m: Model) -> np.ndarray | None:
+        try:
+            return stats.correct(m.run.predictions()["test"].numpy(), self.ctx.dataset.test.labels.cpu().numpy())
+        except (runs.RunStoreError, KeyError, ValueError):  # a run stored before predictions were: no interval
+            return None
+
+    def result_rows(self) -> list[results.Row]:
+        """The models as the results layer reads them (`results.Row`), in table order, each named by `names`."""
+        roots, cache = self.roots(), {}
+        out = []
+        for name, m in zip(self.names(), self.models):
+            origin = m.run.key if m.row["technique"] == "baseline" else m.row["baseline"]
+            group = m.row["family"] if m.row["links"] <= 1 else "combination"
+            out.append(results.Row(name, m.row["technique"], group, origin,
+                                   roots[origin].row["seed"] if origin in roots else None, m.row["test_acc"],
+                                   self._correct(m), results.recipe_key(m.run, cache)))
         return out
+
+    def baseline_rows(self) -> list[results.Row]:
+        """The reference baseline first, then the baselines of the replicates: what each model is judged against."""
+        rows = {r.origin: r for r in self.result_rows() if r.technique == "baseline"}
+        roots = list(self.roots().values())
+        return [rows.get(m.run.key) or results.Row("baseline", "baseline", "baseline", m.run.key, m.row["seed"],
+                                                    m.row["test_acc"], self._correct(m)) for m in roots]
+
+    def verdicts(self) -> results.Verdicts:
+        """Every model's Δ, interval and verdict (`results.judge`), read against the baseline's seeds in the store."""
+        if self._verdicts is None:
+            self._verdicts = results.judge(self.result_rows(), self.baseline_rows(), self.ctx.seed_accs)
+        return self._verdicts
+
+    def seeds_table(self) -> pd.DataFrame:
+        """Each recipe of this result trained on two or more seeds, over its seeds (`results.seeds_table`)."""
+        return results.seeds_table(self.result_rows(), self.baseline_rows())
 
     def inference_models(self) -> dict[str, nn.Module]:
         return dict(zip(self.names(), (m.model for m in self.models)))
@@ -187,8 +222,7 @@ class Context:
         replicates = baseline_mod.replicate_runs(p["baseline"], p)
         self.read += [f"{r.stage}/{r.key}" for r in replicates.values()]
         # the baseline's test accuracy over its training seeds: the seed noise every Δ is read against
-        self.baseline_spread = stats.spread([r.metrics["test_acc"] for r in replicates.values()] or
-                                            [self.base.metrics["test_acc"]])
+        self.seed_accs = [r.metrics["test_acc"] for r in replicates.values()] or [self.base.metrics["test_acc"]]
 
     # -- one evaluation protocol, one device policy
     def eval_device(self, cpu_only: bool = False) -> torch.device:
@@ -429,11 +463,11 @@ def table(result: Result, speed: dict[str, dict] | None = None) -> pd.DataFrame:
     columns that concern it."""
     import pandas as pd
 
-    names = result.names()
+    names, verdicts = result.names(), result.verdicts()
     parents = {m.ref: m.row for m in result.models}
     rows = []
     for name, m in zip(names, result.models):
-        r = m.row
+        r, j = m.row, verdicts[name]
         base = result.root_of(m).row
         parent = parents.get(r["parent"]) if r["parent"] else None
         mac_reduction = base["macs"] / r["macs"]
@@ -441,105 +475,14 @@ def table(result: Result, speed: dict[str, dict] | None = None) -> pd.DataFrame:
                BITS: f"{r['weight_bits']:.2f} / {r['act_bits']:.0f}", SPARSITY: 100 * r["weight_sparsity"],
                PARAMS: r["params"], NONZERO: r["nonzero_params"], MACS: r["macs"], SPARSE_MACS: r["sparse_macs"],
                MAC_REDUCTION: mac_reduction, SIZE: r["size_bytes"] / 1e3, SIZE_RATIO: r["size_bytes"] / base["size_bytes"],
-               BEFORE: r["test_acc_before_finetune"], ACC: r["test_acc"], VAL: r["val_acc"],
-               DELTA: r["test_acc"] - base["test_acc"],
-               DELTA_PARENT: r["test_acc"] - parent["test_acc"] if parent else None}
+               BEFORE: r["test_acc_before_finetune"], ACC: r["test_acc"], VAL: r["val_acc"], DELTA: j.delta,
+               DELTA_PARENT: r["test_acc"] - parent["test_acc"] if parent else None,
+               ACC_CI: stats.interval_text(*j.interval) if j.interval else None, P_BASELINE: j.p, VERDICT: j.verdict}
         if speed:
             row |= metrics.speed_columns(speed, name, names[0], mac_reduction)
         row |= {COURSE: r["score"], MICRONET: r["micronet_score"], TRAIN_TIME: r.get("train_time_s")}
         rows.append(row)
-    _uncertainty(result, rows)
     return pd.DataFrame(rows).set_index("model")
-
-
-def _uncertainty(result: Result, rows: list[dict[str, Any]]) -> None:
-    """Each row's Wilson interval of its test accuracy and, against its baseline (the Δ column's reference; each
-    replicate's own), McNemar's exact test on the per-image predictions the runs stored, the p-values adjusted over
-    the table."""
-    labels = result.ctx.dataset.test.labels.cpu().numpy()
-
-    def right(run: runs.Run) -> np.ndarray | None:
-        try:
-            return stats.correct(run.predictions()["test"].numpy(), labels)
-        except (runs.RunStoreError, KeyError, ValueError):  # a run stored before predictions were: no interval
-            return None
-
-    rights = {row["model"]: right(m.run) for row, m in zip(rows, result.models)}
-    roots = {row["model"] for row, m in zip(rows, result.models) if m.row["technique"] == "baseline"}
-    baselines = {r.ref: right(r.run) for r in result.roots().values()}  # each baseline's predictions read once
-    pairs, names = [], []
-    for row, m in zip(rows, result.models):
-        mine, ref = rights[row["model"]], baselines.get(result.root_of(m).ref)
-        if row["model"] not in roots and mine is not None and ref is not None:
-            pairs.append(stats.mcnemar(mine, ref))
-            names.append(row["model"])
-    judged = dict(zip(names, stats.verdicts(pairs)))
-    band = stats.seed_band(result.ctx.baseline_spread)
-    for row in rows:
-        r = rights[row["model"]]
-        row[ACC_CI] = None if r is None else stats.interval_text(*stats.interval(r))
-        row[P_BASELINE], row[VERDICT] = judged.get(row["model"], (None, "reference" if row["model"] in roots else None))
-        if row["model"] in judged:
-            row[VERDICT] = stats.overall(row[VERDICT], row[DELTA], band)
-
-
-def noise(result: Result) -> str:
-    """What a table's verdicts were read against, in a sentence (for under a stage's table)."""
-    s = result.ctx.baseline_spread
-    test = ("Verdicts: McNemar's exact test on the test images where a model and its baseline disagree, "
-            "Benjamini–Hochberg over the table, 5%")
-    if s.n < 2:
-        return (test + ". The baseline was trained on one seed here, so the seed noise is not measured: a verdict "
-                "covers the test sample only (add `seeds` to the baseline's params to measure it).")
-    return (test + f"; and a verdict stands only when |Δ| also exceeds the seed noise: the baseline over {s.n} "
-            f"training seeds scored {s.mean:.2f} ± {s.sd:.2f}% (sd), so one model's Δ moves by up to "
-            f"±{stats.seed_band(s):.2f} pt (95%) by the seed alone.")
-
-
-def spread_table(result: Result) -> pd.DataFrame:
-    """One row per recipe trained on several seeds (its models differ only in seed; the baselines too): the test
-    accuracy's mean ± sd over seeds, the Δ against the baseline of each model's own seed (mean, sd, 95% t-interval),
-    the seeds' t-test and the pooled paired test (McNemar on the discordant images summed over seeds), both adjusted
-    over the table (Benjamini–Hochberg), and the verdict both must support. Empty when no recipe has two seeds."""
-    import pandas as pd
-
-    labels = result.ctx.dataset.test.labels.cpu().numpy()
-    groups: dict[str, list[Model]] = {}
-    parents = {m.ref: m for m in result.models}
-    for m in result.models:
-        groups.setdefault(recipe_key(m, parents), []).append(m)
-    rows = []
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        first = members[0]
-        row = {"model": first.name, "technique": first.row["technique"], "lineage": first.row["lineage"],
-               "seeds": ", ".join(str(result.root_of(m).row["seed"]) for m in members)}  # each replicate's seed
-        if first.row["technique"] == "baseline":
-            accs = stats.spread([m.row["test_acc"] for m in members])
-            row |= {"n": accs.n, "test mean ± sd (%)": accs.text(), "test mean (%)": accs.mean, "test sd (pt)": accs.sd}
-        else:
-            roots = [result.root_of(m) for m in members]
-            pairs = [stats.mcnemar(stats.correct(m.run.predictions()["test"].numpy(), labels),
-                                   stats.correct(r.run.predictions()["test"].numpy(), labels))
-                     for m, r in zip(members, roots)]
-            row |= stats.over_seeds([m.row["test_acc"] for m in members],
-                                    [m.row["test_acc"] - r.row["test_acc"] for m, r in zip(members, roots)], pairs)
-        rows.append(row)
-    stats.adjust_over_seeds(rows, VERDICT)
-    return pd.DataFrame(rows).set_index("model") if rows else pd.DataFrame()
-
-
-def recipe_key(m: Model, parents: dict[str, Model]) -> str:
-    """What a model is apart from its seed: its technique and settings without the seed, after its parent's recipe
-    (`parents`: the models by run ref; a baseline is "baseline"). Models that share it are the same recipe on other
-    seeds."""
-    if m.row["technique"] == "baseline":
-        return "baseline"
-    parent = parents.get(m.row["parent"])
-    settings = {k: v for k, v in (m.row.get("settings") or {}).items() if k != "seed"}
-    up = recipe_key(parent, parents) if parent is not None else m.row["parent"]
-    return json.dumps([up, m.row["technique"], settings], sort_keys=True, default=str)
 
 
 THROUGHPUT = "CPU throughput"  # stands for the throughput column (its name carries the batch size) in `shown`

@@ -9,7 +9,6 @@ Runtime in the same interleaved rounds as in eager PyTorch.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 
 import numpy as np
 
-from . import baselines, export, layer_times, metrics, params, registry, runs, stats, steps, train
+from . import baselines, export, layer_times, metrics, params, registry, results, runs, stats, steps, train
 
 IN_TABLE = "in the table"
 ACC, VAL, DELTA, SIZE, MACS = steps.ACC, steps.VAL, steps.DELTA, steps.SIZE, steps.MACS
@@ -42,10 +41,7 @@ class Summary:
     runs: list[dict[str, str]] = field(default_factory=list)    # every run folder and what became of it
     correct: dict[str, np.ndarray] = field(default_factory=dict)  # model name -> per-test-image correctness
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # model name -> 95% Wilson (%)
-    # the reference baseline's test accuracy over its training seeds (recomputed), and the band a single model's Δ
-    # moves in by the seed alone (nan: one seed, not measured)
-    baseline_spread: stats.Spread | None = None
-    band: float = float("nan")
+    verdicts: results.Verdicts | None = None  # Δ, interval, paired test and verdict of every row (`results.judge`)
     # model name -> batch size -> where its CPU time goes (layer_times.profile), for the groups of `profile_groups`
     profiles: dict[str, dict[int, layer_times.Profile]] = field(default_factory=dict)
     # model name -> its ONNX file and the agreement of its predictions (`onnx`), or why it could not be exported
@@ -67,6 +63,7 @@ def run(p: dict) -> Summary:
     for r in sorted(runs.RunStore(p["run_root"]).runs(),
                     key=lambda r: (r.key != base.run.key, order.index(r.stage) if r.stage in order else len(order), r.key)):
         reader.read(r)
+    reader.name_and_export()
     if p["progress"]:
         print(f"timing {len(out.models)} models on the CPU, side by side ...", flush=True)
     engines = {(PYTORCH, name): model for name, model in out.models.items()}
@@ -94,34 +91,24 @@ def run(p: dict) -> Summary:
     return out
 
 
+def _rows(out: Summary) -> list[results.Row]:
+    return [results.Row(r["model"], r["technique"], r["group"], r["origin"], r["replicate"], r[ACC],
+                        out.correct[r["model"]], r["recipe key"]) for r in out.rows]
+
+
+def _baselines(rows: list[results.Row]) -> list[results.Row]:
+    """The reference baseline (the first row) and its replicates: what each model is judged against."""
+    return [rows[0]] + [r for r in rows[1:] if r.is_seed_baseline]
+
+
 def _judge(out: Summary) -> None:
-    """Each model's Δ, interval and verdict: against the baseline of its own training seed (the reference
-    baseline, or its replicate), paired image by image (McNemar, BH over the table); a model made from another
-    baseline, and that baseline, against the reference. A verdict stands only when |Δ| also exceeds the seed
-    band of the reference baseline's spread over its seeds. The reference's replicates make the spread."""
-    reference = out.rows[0]
-    seeds = {row["origin"]: row for row in out.rows if row["technique"] == "baseline" and row["replicate"] is not None}
-    out.baseline_spread = stats.spread([row[ACC] for row in seeds.values()] or [reference[ACC]])
-    out.band = stats.seed_band(out.baseline_spread)
-
-    def against(row: dict) -> dict | None:
-        if row["technique"] == "baseline" and row["replicate"] is not None:
-            return None  # the reference, or one of its seeds
-        return seeds.get(row["origin"], reference)
-
-    judged_rows = [row for row in out.rows if against(row) is not None]
-    pairs = [stats.mcnemar(out.correct[row["model"]], out.correct[against(row)["model"]]) for row in judged_rows]
-    judged = {row["model"]: v for row, v in zip(judged_rows, stats.verdicts(pairs))}
+    """Each row's Δ, interval and verdict (`results.judge`)."""
+    rows = _rows(out)
+    out.verdicts = results.judge(rows, _baselines(rows))
     for row in out.rows:
-        ref = against(row)
-        row[DELTA] = row[ACC] - (ref or reference)[ACC]
-        out.intervals[row["model"]] = stats.interval(out.correct[row["model"]])
-        row[ACC_CI] = stats.interval_text(*out.intervals[row["model"]])
-        if ref is None:
-            row[P_BASELINE], row[VERDICT] = float("nan"), "reference" if row is reference else f"seed {row['replicate']}"
-        else:
-            p, verdict = judged[row["model"]]
-            row[P_BASELINE], row[VERDICT] = p, stats.overall(verdict, row[DELTA], out.band)
+        j = out.verdicts[row["model"]]
+        out.intervals[row["model"]] = j.interval
+        row[DELTA], row[ACC_CI], row[P_BASELINE], row[VERDICT] = j.delta, stats.interval_text(*j.interval), j.p, j.verdict
 
 
 class _Reader:
@@ -130,8 +117,9 @@ class _Reader:
         self.store = runs.RunStore(p["run_root"])
         self.baselines: dict[str, nn.Module] = {base.run.key: base.model.eval()}
         self.techniques, self.analyses = registry.techniques(), registry.analyses()
-        self.recipe = _without_seed(base.run.params)  # what a replicate of the reference baseline shares with it
+        self.recipe = results.without_seed(base.run.params)  # what a replicate of the reference baseline shares
         self.keys: dict[str, str] = {}  # run ref -> recipe key (what a model is apart from its seed)
+        self.pending: list[tuple[runs.Run, nn.Module, bool, Any]] = []  # what `name_and_export` finishes
 
     def read(self, run: runs.Run) -> None:
         tech, analysis = self.techniques.get(run.stage), self.analyses.get(run.stage)
@@ -160,7 +148,7 @@ class _Reader:
             entry["status"] = f"not compared: made on other data ({obp['data']}), so its accuracy is not comparable"
             return
         model = tech.load(run)
-        name = self._name(run, stored)
+        name = f"{run.stage}/{run.key}"  # until `name_and_export` names every model by one rule
         entry["model"] = name
         first = self.techniques.get((stored.get("lineage") or [run.stage])[0])
         if first is not None:  # a chain is listed under the notebook whose technique starts it (04's pruned → INT8)
@@ -175,8 +163,9 @@ class _Reader:
         parent = stored.get("parent_label") or ""
         replicate = self._replicate(origin)
         self.out.rows.append({
-            "origin": origin.key, "replicate": replicate, "recipe key": self._recipe_key(run),
-            "twin key": self._recipe_key(run, twin=True), "seed": run.params.get("seed"),
+            "origin": origin.key, "replicate": replicate, "recipe key": results.recipe_key(run, self.keys),
+            "twin key": results.recipe_key(run, self.keys, twin=True), "seed": run.params.get("seed"),
+            "label": results.baseline_label(run.params["width"]) if run.stage == "baseline" else stored["label"],
             "distill": (run.params.get("distill") or {}) if run.stage != "baseline" else {},
             "group": tech.family if links <= 1 else "combination", "technique": run.stage, "family": tech.family,
             "links": links, "parent": parent, "model": name, "recipe": _recipe(obp if run.stage == "baseline" else stored.get("settings") or {}), ACC: acc,
@@ -187,13 +176,26 @@ class _Reader:
             "stored test accuracy (%)": stored.get("test_acc"), "run": str(run), "stage": run.stage})
         self.out.models[name] = model
         self.out.correct[name] = stats.correct(logits.argmax(1).numpy(), test.labels.cpu().numpy())
-        if self.p["onnx"]:
-            self._export(run, model, name, obp["eval_flip"], logits)
+        self.pending.append((run, model, obp["eval_flip"], logits))
 
-    def _export(self, run: runs.Run, model: nn.Module, name: str, flip: bool, logits) -> None:
+    def name_and_export(self) -> None:
+        """Every model named by the one rule (`results.names`), then exported to ONNX (`onnx`) under that name."""
+        final = results.names([(r["label"], r["run"].rsplit("/", 1)[-1], r["origin"], r["replicate"], r["seed"])
+                               for r in self.out.rows], self.base.run.key)
+        renamed = {r["model"]: name for r, name in zip(self.out.rows, final)}
+        for r in self.out.rows:
+            r["model"] = renamed[r["model"]]
+        for e in self.out.runs:
+            e["model"] = renamed.get(e["model"], e["model"])
+        self.out.models = {renamed[k]: v for k, v in self.out.models.items()}
+        self.out.correct = {renamed[k]: v for k, v in self.out.correct.items()}
+        if self.p["onnx"]:
+            for row, (run, model, flip, logits) in zip(self.out.rows, self.pending):
+                self._export(run, model, row["model"], flip, logits, row)
+
+    def _export(self, run: runs.Run, model: nn.Module, name: str, flip: bool, logits, row: dict) -> None:
         """The model's ONNX file in its run folder (made once) and its agreement with the PyTorch model on the test
         set; a model that cannot be exported stays in the table, with the reason listed."""
-        row = self.out.rows[-1]
         try:
             e = export.ensure(run, model, self.base.dataset.test, flip, logits.argmax(1), self.p["eval_batch_size"], name)
         except Exception as err:  # torch.onnx and onnxruntime raise many types; the reason is shown, the model kept
@@ -211,51 +213,9 @@ class _Reader:
     def _replicate(self, origin: runs.Run) -> int | None:
         """The training seed of a baseline run that is the reference baseline or one of its replicates (the same
         recipe and split, another seed); None for another baseline."""
-        if _without_seed(origin.params) != self.recipe:
+        if results.without_seed(origin.params) != self.recipe:
             return None
         return origin.params.get("train_seed", origin.params["seed"])
-
-    def _recipe_key(self, run: runs.Run, twin: bool = False) -> str:
-        """What the model of `run` is apart from its seed: its technique and settings without the seed, after its
-        parent's recipe key (a baseline: its params without the training seed). `twin`: also without its own
-        `distill` setting (a model fine-tuned with and without distillation shares it)."""
-        ref = f"{run.stage}/{run.key}" + (" twin" if twin else "")
-        if ref not in self.keys:
-            if run.stage == "baseline":
-                key = ["baseline", _without_seed(run.params)]
-            else:
-                stage, _, parent_key = str(run.params.get("parent", "")).partition("/")
-                up = self._recipe_key(runs.Run(self.store, stage, parent_key)) if parent_key else ""
-                left_out = NOT_RECIPE + (("distill",) if twin else ())
-                key = [up, run.stage, {k: v for k, v in run.params.items() if k not in left_out
-                                       and not (k in params.ADDED_OFF and v == params.ADDED_OFF[k])}]
-            self.keys[ref] = json.dumps(key, sort_keys=True, default=str)
-        return self.keys[ref]
-
-    def _name(self, run: runs.Run, stored: dict) -> str:
-        origin = run if run.stage == "baseline" else runs.Run(self.store, "baseline", run.params["baseline"])
-        replicate = self._replicate(origin) if origin.key != self.base.run.key else None
-        if run.stage == "baseline":
-            name = f"baseline (FP32, width {run.params['width']})"
-            if run.key != self.base.run.key:
-                name = (f"{name}, seed {replicate}" if replicate is not None
-                        else f"other baseline (FP32, width {run.params['width']}, {run.key})")
-        else:
-            name = stored["label"]
-            if run.params["baseline"] != self.base.run.key:
-                name += f", seed {replicate}" if replicate is not None else f", from baseline {run.params['baseline']}"
-        if name in self.out.models:  # the same lineage with another recipe or seed
-            name += f" [{run.key}]"
-        return name
-
-
-# a step run's params that say where and with which seed it ran, not what recipe it is
-NOT_RECIPE = ("seed", "parent", "baseline", "device", "eval_batch_size")
-
-
-def _without_seed(baseline_params: dict) -> dict:
-    """A baseline run's params without its training seed: equal for the replicates of one recipe and split."""
-    return {k: v for k, v in baseline_params.items() if k not in ("train_seed", "seeds")}
 
 
 def _same_test_set(a: dict, b: dict) -> bool:
@@ -623,46 +583,10 @@ def why(s: Summary, df: pd.DataFrame) -> str:
                    f"{100 * (check['profiled ÷ measured'] - 1).abs().max():.0f}% of the latencies measured without the profiler.")
 
 
-def noise(s: Summary) -> str:
-    """What the verdicts were read against, in a sentence."""
-    b = s.baseline_spread
-    test = ("Δ: against the baseline of the model's own training seed. Verdicts: McNemar's exact test on the test "
-            "images where the model and its baseline disagree, Benjamini–Hochberg over the table, 5%")
-    if b is None or b.n < 2:
-        return test + "; the baseline has one seed here, so the seed noise is not measured and the verdicts cover the test sample only."
-    return (test + f"; and only when |Δ| exceeds the seed band: the baseline over {b.n} training seeds scored "
-            f"{b.mean:.2f} ± {b.sd:.2f}% (sd), so a single model's Δ moves by up to ±{s.band:.2f} pt (95%) by the seed alone.")
-
-
 def seeds_table(s: Summary) -> pd.DataFrame:
-    """One row per recipe with two or more seeds in the store (the baseline's replicates, and each model made from
-    them), named by its model of the reference seed: mean ± sd over the seeds, the Δs against the baseline of each
-    seed, their t-test, the pooled paired test, both adjusted over the table (Benjamini–Hochberg), and the verdict
-    both support. Empty when nothing has two seeds."""
-    groups: dict[str, list[dict]] = {}
-    for row in s.rows:
-        if row["replicate"] is not None:
-            groups.setdefault(row["recipe key"], []).append(row)
-    origins = {row["origin"]: row for row in s.rows if row["technique"] == "baseline" and row["replicate"] is not None}
-    reference_seed = s.rows[0]["replicate"]
-    out = []
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        members = sorted(members, key=lambda m: (m["replicate"] != reference_seed, m["replicate"]))
-        first = members[0]
-        row = {"model": first["model"], "group": first["group"], "technique": first["technique"],
-               "seeds": ", ".join(str(m["replicate"]) for m in members)}
-        if first["technique"] == "baseline":
-            a = stats.spread([m[ACC] for m in members])
-            row |= {"n": a.n, "test mean ± sd (%)": a.text(), "test mean (%)": a.mean, "test sd (pt)": a.sd}
-        else:
-            bases = [origins[m["origin"]] for m in members]
-            row |= stats.over_seeds([m[ACC] for m in members], [m[ACC] - b[ACC] for m, b in zip(members, bases)],
-                                    [stats.mcnemar(s.correct[m["model"]], s.correct[b["model"]]) for m, b in zip(members, bases)])
-        out.append(row)
-    stats.adjust_over_seeds(out, VERDICT)
-    return pd.DataFrame(out).set_index("model") if out else pd.DataFrame()
+    """Each recipe with two or more seeds in the store, over its seeds (`results.seeds_table`)."""
+    rows = _rows(s)
+    return results.seeds_table(rows, _baselines(rows))
 
 
 def headline(s: Summary, df: pd.DataFrame, max_drop: float) -> str:
@@ -670,8 +594,8 @@ def headline(s: Summary, df: pd.DataFrame, max_drop: float) -> str:
     small, score = close[SIZE].idxmin(), close["course score"].idxmin()
     bad = unusable(s)
     worse = int((df[VERDICT] == stats.WORSE).sum()) if VERDICT in df else 0
-    b = s.baseline_spread
-    spread = f" ({b.mean:.1f} ± {b.sd:.1f}% over {b.n} training seeds)" if b is not None and b.n > 1 else " (one seed)"
+    b = s.verdicts.spread
+    spread = f" ({b.mean:.1f} ± {b.sd:.1f}% over {b.n} training seeds)" if b.n > 1 else " (one seed)"
     return (f"{len(df)} models re-measured side by side; baseline {df.iloc[0][ACC]:.1f}%{spread}. Within {max_drop:g} pt "
             f"and not found worse: smallest {small} ({df.loc[small, SIZE]:,.0f} KB, "
             f"{df.iloc[0][SIZE] / df.loc[small, SIZE]:.1f}× smaller, {df.loc[small, DELTA]:+.2f} pt: "

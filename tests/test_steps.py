@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from resnet_lab import baselines, metrics, models, packed, params, registry, runs, stats, steps, train
+from resnet_lab import baselines, metrics, models, packed, params, registry, results, runs, stats, steps, train
 from resnet_lab import techniques as T
 from resnet_lab.stages import factorization, pruning, quantization
 
@@ -39,10 +39,10 @@ def test_each_link_is_its_own_run_keyed_by_its_parent_and_named_by_its_lineage(c
     p, result, s, svd_result = chains
     structured = "L1 structured, layer, 50% of channels"
     int8 = "INT8 (x86, 128 calibration images)"
-    assert result.names() == ["baseline (FP32)", structured, f"{structured} → {int8}",
+    assert result.names() == ["baseline (FP32, width 8)", structured, f"{structured} → {int8}",
                               f"{structured} → SVD 0.5 of full rank", f"{structured} → SVD 0.5 of full rank → {int8}",
                               f"{structured} → BinaryConnect (deterministic, inner layers)"]
-    assert svd_result.names() == ["baseline (FP32)", "SVD 0.5 of full rank", f"SVD 0.5 of full rank → {int8}"]
+    assert svd_result.names() == ["baseline (FP32, width 8)", "SVD 0.5 of full rank", f"SVD 0.5 of full rank → {int8}"]
     store = runs.RunStore(baseline)
     assert len(store.runs("prune")) == 1  # the structured model, made once for its three chains
     by_ref = {m.ref: m for m in result.models}
@@ -144,21 +144,22 @@ def test_a_stage_replicated_over_baseline_seeds_reads_each_model_against_its_own
     result = factorization.run(s)
     assert result.replicated() and len(result.roots()) == 2
     assert [m.row["seed"] for m in result.models] == [0, 0, 1, 1]
-    assert result.names() == ["baseline (FP32), seed 0", "SVD 0.5 of full rank, seed 0",
-                              "baseline (FP32), seed 1", "SVD 0.5 of full rank, seed 1"]
+    # one naming rule with 06's (`results.names`): the reference seed's lineage plain, a replicate's with its seed
+    assert result.names() == ["baseline (FP32, width 8)", "SVD 0.5 of full rank",
+                              "baseline (FP32, width 8), seed 1", "SVD 0.5 of full rank, seed 1"]
     roots = [result.root_of(m) for m in result.models]
     assert [r.row["seed"] for r in roots] == [0, 0, 1, 1]
     df = steps.table(result)
     for (name, row), root in zip(df.iterrows(), roots):
         assert row[steps.DELTA] == pytest.approx(result.models[list(df.index).index(name)].row["test_acc"] - root.row["test_acc"])
-    assert df[steps.VERDICT].iloc[[0, 2]].tolist() == ["reference", "reference"]
-    spread = steps.spread_table(result)
+    assert df[steps.VERDICT].iloc[[0, 2]].tolist() == ["reference", "seed 1"]
+    spread = result.seeds_table()
     assert list(spread["n"]) == [2, 2] and list(spread["technique"]) == ["baseline", "svd"]
     deltas = [m.row["test_acc"] - r.row["test_acc"] for m, r in zip(result.models, roots) if m.row["technique"] == "svd"]
     assert spread.iloc[1]["Δ mean (pt)"] == pytest.approx(np.mean(deltas))
     assert spread.iloc[1][steps.VERDICT] in (stats.BETTER, stats.WORSE, stats.SAME)
-    assert result.ctx.baseline_spread.n == 2  # the baseline's seeds found in the store: the seed noise is measured
-    assert "training seeds" in steps.noise(result)
+    assert result.verdicts().spread.n == 2  # the baseline's seeds found in the store: the seed noise is measured
+    assert "training seeds" in results.noise(result.verdicts())
     # the replicate's runs are keyed by its own baseline: a rerun reuses all of them
     again = factorization.run(s)
     assert [m.run.key for m in again.models] == [m.run.key for m in result.models]

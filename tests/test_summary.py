@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from resnet_lab import baselines, export, params, runs, stats, summary, train
+from resnet_lab import baselines, export, params, results, runs, stats, summary
 from resnet_lab.stages import factorization, pruning, quantization
 
 from conftest import PARAMS, smoke_baseline
@@ -269,8 +269,8 @@ def test_replicates_over_seeds_are_named_paired_with_their_own_seed_and_summariz
     assert list(df[summary.VERDICT].iloc[:2]) == ["reference", "seed 1"]
     assert df.loc["SVD 0.5 of full rank, seed 1", summary.DELTA] == pytest.approx(
         df.loc["SVD 0.5 of full rank, seed 1", summary.ACC] - df.loc["baseline (FP32, width 8), seed 1", summary.ACC])
-    assert s.baseline_spread.n == 2 and s.band == pytest.approx(stats.seed_band(s.baseline_spread))
-    assert "2 training seeds" in summary.noise(s)
+    assert s.verdicts.spread.n == 2 and s.verdicts.band == pytest.approx(stats.seed_band(s.verdicts.spread))
+    assert "2 training seeds" in results.noise(s.verdicts)
     seeds = summary.seeds_table(s)
     assert list(seeds["n"]) == [2, 2] and list(seeds["technique"]) == ["baseline", "svd"]
     assert seeds.loc["SVD 0.5 of full rank", "Δ mean (pt)"] == pytest.approx(
