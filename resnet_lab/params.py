@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from . import registry, techniques
-from .config import (ADDED_OFF, COMMON, FINETUNE, NOT_IN_IDENTITY, REPORTING, SPACE_CHOICES, SPACE_RANGES, SEEDS, STAGE, TRAINING, TUNING, Field,  # noqa: F401
+from .config import (ADDED_OFF, COMMON, FINETUNE, NOT_IN_IDENTITY, REPORTING, SPACE_CHOICES, SPACE_LOG, SPACE_RANGES, SEEDS, STAGE, TRAINING, TUNING, Field,  # noqa: F401
                      ParamsError, bounded, check_all, with_defaults, check_seeds, did_you_mean, dump_yaml, fractions, identity,
                      notebook_values, read_yaml)
 from .registry import THEN, check_chain

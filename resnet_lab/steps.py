@@ -22,7 +22,7 @@ from torch import nn
 
 from . import baselines as baseline_mod
 from . import data as data_mod
-from . import metrics, models, registry, results, runs, stats, train
+from . import evaluation, metrics, models, registry, results, runs, stats, train
 from . import params as params_mod
 from .registry import Made  # noqa: F401  (what a technique's `make` returns; tests build it from here)
 
@@ -96,7 +96,7 @@ class Step:
 
     def accuracy(self, model: nn.Module, split: str = "test") -> float:
         """Accuracy (%) with the evaluation protocol, on the compute device (for 'before fine-tuning')."""
-        return self.ctx.evaluate_split(model, split)
+        return self.ctx.protocol.accuracy(model, split)
 
     def finetune(self, model: nn.Module, after_step: Callable[[], None] | None = None, epochs: int | None = None,
                  checkpoint: str = "checkpoint.pt") -> list[dict]:
@@ -217,43 +217,13 @@ class Context:
         self.dataset = self.base.dataset
         self.store = runs.RunStore(p["run_root"])
         self.device = train.pick_device(p["device"])
+        self.protocol = evaluation.Protocol(self.dataset, self.bp["eval_flip"], p["eval_batch_size"], self.device)
         self.root = self._root()
         self.read: list[str] = [self.root.ref]  # every run read or made, for the report's up-to-date check
         replicates = baseline_mod.replicate_runs(p["baseline"], p)
         self.read += [f"{r.stage}/{r.key}" for r in replicates.values()]
         # the baseline's test accuracy over its training seeds: the seed noise every Δ is read against
         self.seed_accs = [r.metrics["test_acc"] for r in replicates.values()] or [self.base.metrics["test_acc"]]
-
-    # -- one evaluation protocol, one device policy
-    def eval_device(self, cpu_only: bool = False) -> torch.device:
-        """The compute device, except for a model whose kernels exist only on the CPU (INT8)."""
-        return torch.device("cpu") if cpu_only else self.device
-
-    def predict(self, model: nn.Module, split: str, cpu_only: bool = False, flip: bool | None = None) -> torch.Tensor:
-        """Logits of every image of a split, with the baseline's protocol (test-time flip if it used it; `flip`
-        overrides it for a relative measure such as the sensitivity analysis)."""
-        flip = self.bp["eval_flip"] if flip is None else flip
-        return train.predict_split(model, getattr(self.dataset, split), self.p["eval_batch_size"], flip,
-                                   self.eval_device(cpu_only))
-
-    def evaluate_split(self, model: nn.Module, split: str = "test", cpu_only: bool = False,
-                       flip: bool | None = None) -> float:
-        """Accuracy (%) on one split with the protocol (see `predict`)."""
-        labels = getattr(self.dataset, split).labels
-        return train.score(self.predict(model, split, cpu_only, flip), labels)["acc"] if len(labels) else float("nan")
-
-    def evaluate(self, model: nn.Module, cpu_only: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """Test and validation accuracy and loss, and the logits of every image of both splits."""
-        out, logits = {}, {}
-        for split in ("test", "val"):
-            labels = getattr(self.dataset, split).labels
-            if not len(labels):
-                out[f"{split}_acc"] = out[f"{split}_loss"] = None
-                continue
-            logits[split] = self.predict(model, split, cpu_only)
-            r = train.score(logits[split], labels)
-            out[f"{split}_acc"], out[f"{split}_loss"] = r["acc"], r["loss"]
-        return out, logits
 
     def teacher(self, name: str) -> nn.Module:
         """A distillation teacher, a copy the fine-tune may move to its device: 'baseline' (the baseline this
@@ -386,7 +356,7 @@ class Context:
         made.model.to("cpu", memory_format=torch.contiguous_format).eval()
         tech.save(made.model, run.path(tech.artifact), made.arch)
         model = tech.load(run)  # what is measured is what was saved
-        acc, logits = self.evaluate(model, tech.cpu_only)
+        acc, logits = self.protocol.evaluate(model, tech.cpu_only)
         # the file holds the model that was made: the same logits, bit for bit, on a batch of test images (on the
         # CPU, in one memory layout: a layer that computes its weight on the fly, like BinaryConnect's α, rounds by
         # layout; a batch, since half precision runs ~40 img/s in that layout on a CPU without fp16 arithmetic)
@@ -402,7 +372,8 @@ class Context:
             "test_acc_before_finetune": made.before, "reload_exact": exact,
             "size_bytes": run.path(tech.artifact).stat().st_size,
             **measure(model, self.root.model if pruned else None, self.root.model),
-            "train_time_s": sum(r["train_time_s"] for r in made.history), "eval_device": str(self.eval_device(tech.cpu_only)),
+            "train_time_s": sum(r["train_time_s"] for r in made.history),
+            "eval_device": str(self.protocol.device_for(tech.cpu_only)),
             "run": str(run), **made.extra}
         run.write_json("history.json", made.history)
         run.save_predictions({split: t.argmax(1) for split, t in logits.items()})

@@ -44,7 +44,7 @@ def curves(ctx: steps.Context, variants: list[dict[str, Any]], amounts: list[flo
             points = []
             for a in tqdm(amounts, desc=f"{k['method']} {k['scope']} right after pruning", disable=not ctx.p["progress"]):
                 model = _one_shot(ctx.root.model, k, a)
-                points.append({"amount": a, "test_acc": ctx.evaluate_split(model),
+                points.append({"amount": a, "test_acc": ctx.protocol.accuracy(model),
                                "weight_sparsity": metrics.sparsity(model, ctx.root.model)["weight_sparsity"],
                                **metrics.count_macs(model)})
             return {"points": points}

@@ -120,7 +120,7 @@ def _make(step) -> registry.Made:
     model = quantize(parent, data_mod.Batches(calibration, 128, "cpu"), s["backend"])
     extra = {"backend": s["backend"], "calibration_images": len(calibration)}
     if simulated:  # how faithfully the int8 kernels compute the simulated model
-        ours = step.ctx.predict(model, "test", cpu_only=True).argmax(1)  # the evaluation protocol the parent had
+        ours = step.ctx.protocol.predict(model, "test", cpu_only=True).argmax(1)  # the evaluation protocol the parent had
         extra["agreement_with_parent"] = 100.0 * float((ours == step.parent.run.predictions()["test"]).float().mean())
     return registry.Made(model, arch(step.parent.row["arch"], s["backend"]), extra=extra)
 

@@ -409,8 +409,8 @@ def analyse(ctx, parent, amounts: list[float]) -> dict[str, Any]:
     def compute() -> dict[str, Any]:
         model = copy.deepcopy(parent.model)
         layers = [n for n, _ in prunable(model, True, True)]
-        acc = sensitivity(model, layers, amounts, lambda m: ctx.evaluate_split(m, "val", flip=False), ctx.p["progress"])
-        return {"layers": layers, "amounts": amounts, "val_acc": ctx.evaluate_split(model, "val", flip=False),
+        acc = sensitivity(model, layers, amounts, lambda m: ctx.protocol.accuracy(m, "val", flip=False), ctx.p["progress"])
+        return {"layers": layers, "amounts": amounts, "val_acc": ctx.protocol.accuracy(model, "val", flip=False),
                 "acc": {n: {str(a): v for a, v in d.items()} for n, d in acc.items()}}
 
     m = ctx.cached(ANALYSIS, {"kind": "sensitivity", "parent": parent.ref, "amounts": amounts}, compute)
