@@ -191,6 +191,21 @@ def test_a_link_in_a_chain_resolves_like_the_notebooks_own_recipe():
     assert steps.link_settings("int8", {}, p) == {"backend": q["int8_backend"], "calibration_images": q["calibration_images"]}
 
 
+@pytest.mark.parametrize("profile", ["", "_full", "_smoke"])
+def test_every_int8_of_a_profile_calibrates_on_one_number_of_images(profile):
+    """03's INT8 and the INT8 links at the end of 04's and 05's chains take the stage's `calibration_images`
+    (Technique.inherit), and each profile's three stage files agree on it: the full profile once calibrated
+    03's on 2,048 images and the chains' on 1,024."""
+    sizes = set()
+    for stage, file in (("quantization", "quantization"), ("pruning", "pruning"), ("svd", "svd")):
+        p = params.validate(params.read_yaml(PARAMS / f"{file}{profile}.yaml"), stage)
+        sizes.add(steps.link_settings("int8", {}, p)["calibration_images"])
+        sizes.add(p["calibration_images"])
+        assert steps.link_settings("int8", {}, {**p, "calibration_images": 256})["calibration_images"] == 256
+        assert steps.link_settings("int8", {"calibration_images": 64}, p)["calibration_images"] == 64  # a link may say
+    assert len(sizes) == 1
+
+
 def test_models_build_rebuilds_any_order_of_structural_steps(tmp_path):
     torch.manual_seed(0)
     model = models.resnet18(8).eval()
