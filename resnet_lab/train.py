@@ -150,14 +150,6 @@ def predict_split(model: nn.Module, split: data_mod.Split, batch_size: int, flip
         model.to("cpu", memory_format=torch.contiguous_format)
 
 
-def evaluate_split(model: nn.Module, split: data_mod.Split, batch_size: int, flip: bool = False,
-                   device: torch.device | str = "cpu") -> dict[str, float]:
-    """`evaluate` on one split, run on `device`; the model ends on the CPU."""
-    if len(split) == 0:
-        return {"loss": float("nan"), "acc": float("nan")}
-    return score(predict_split(model, split, batch_size, flip, device), split.labels.cpu())
-
-
 def score(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return {"loss": F.cross_entropy(logits, labels).item(), "acc": 100.0 * (logits.argmax(1) == labels).float().mean().item()}
 

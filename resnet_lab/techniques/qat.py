@@ -214,15 +214,6 @@ def rebuild(model: nn.Module, record: dict[str, list]) -> nn.Module:
     return model
 
 
-def float_model(model: nn.Module) -> nn.Module:
-    """A frozen QAT model as plain conv/linear layers holding its quantized weights, without the input quantizers
-    (see `as_plain`). A new model."""
-    model = copy.deepcopy(model)
-    for name, q in quantized_layers(model).items():
-        model.set_submodule(name, q.as_plain())
-    return model
-
-
 models.register_arch("qat", rebuild, order=30)  # after the layers are resized
 
 
