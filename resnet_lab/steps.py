@@ -119,14 +119,14 @@ class Result:
     models: list[Model]
     extras: dict[str, Any] = field(default_factory=dict)  # stage analyses (sensitivity, curves)
     bases: dict[str, Model] = field(default_factory=dict)  # the baselines of replicates (run key -> root)
-    _verdicts: results.Verdicts | None = field(default=None, repr=False)
+    _rows: list[results.Row] | None = field(default=None, repr=False)  # `result_rows`, read once
 
     @property
     def baseline(self) -> baseline_mod.BaselineResult:
         return self.ctx.base
 
     def add(self, *made: Model) -> None:
-        self._verdicts = None
+        self._rows = None
         seen = {m.ref for m in self.models}
         self.models += [m for m in made if m.ref not in seen and not seen.add(m.ref)]
 
@@ -163,7 +163,10 @@ class Result:
             return None
 
     def result_rows(self) -> list[results.Row]:
-        """The models as the results layer reads them (`results.Row`), in table order, each named by `names`."""
+        """The models as the results layer reads them (`results.Row`), in table order, each named by `names` (their
+        per-image predictions read once)."""
+        if self._rows is not None:
+            return self._rows
         roots, cache = self.roots(), {}
         out = []
         for name, m in zip(self.names(), self.models):
@@ -172,6 +175,7 @@ class Result:
             out.append(results.Row(name, m.row["technique"], group, origin,
                                    roots[origin].row["seed"] if origin in roots else None, m.row["test_acc"],
                                    self._correct(m), results.recipe_key(m.run, cache)))
+        self._rows = out
         return out
 
     def baseline_rows(self) -> list[results.Row]:
@@ -183,9 +187,7 @@ class Result:
 
     def verdicts(self) -> results.Verdicts:
         """Every model's Δ, interval and verdict (`results.judge`), read against the baseline's seeds in the store."""
-        if self._verdicts is None:
-            self._verdicts = results.judge(self.result_rows(), self.baseline_rows(), self.ctx.seed_accs)
-        return self._verdicts
+        return results.judge(self.result_rows(), self.baseline_rows(), self.ctx.seed_accs)
 
     def seeds_table(self) -> pd.DataFrame:
         """Each recipe of this result trained on two or more seeds, over its seeds (`results.seeds_table`)."""
