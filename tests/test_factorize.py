@@ -3,11 +3,11 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_lab import baselines, metrics, models, params, steps, train
+from resnet_lab import metrics, models, params, steps, train
 from resnet_lab import techniques as T
 from resnet_lab.stages import factorization
 
-from conftest import PARAMS
+from conftest import stage_params
 
 
 @pytest.mark.parametrize("stride, padding, dilation, bias", [(1, 1, 1, False), (2, 1, 1, True), (1, 2, 2, True)])
@@ -97,15 +97,13 @@ def test_svd_params_are_checked_before_any_work(values, expect):
     assert expect in str(e.value)
 
 
-def test_stage_factorizes_fine_tunes_trains_from_scratch_then_reuses(tmp_path, monkeypatch):
-    bp = params.load(PARAMS / "smoke.yaml", "baseline")
-    bp.update(run_root=str(tmp_path), progress=False)
-    baselines.train(bp)
-    p = params.load(PARAMS / "svd_smoke.yaml", "svd")
-    p.update(run_root=str(tmp_path), progress=False)
+def test_stage_factorizes_fine_tunes_trains_from_scratch_then_reuses(smoke_store, monkeypatch):
+    # each model was factorized, fine-tuned or trained from scratch by the smoke report's 05 notebook with this
+    # params file (conftest's `smoke_report`): the stage finds each run finished in this copy of its store
+    p = stage_params("svd_smoke.yaml", "svd", smoke_store)
     result = factorization.run(p)
     int8 = "INT8 (x86, 128 calibration images)"
-    assert result.names() == ["baseline (FP32)", "SVD 0.5 of full rank", f"SVD 0.5 of full rank → {int8}",
+    assert result.names() == ["baseline (FP32, width 8)", "SVD 0.5 of full rank", f"SVD 0.5 of full rank → {int8}",
                               "SVD 0.25 of full rank", f"SVD 0.25 of full rank → {int8}",
                               "SVD 0.25 of full rank (from scratch)"]
     base, half, half8, quarter, quarter8, scratch = result.rows()
@@ -120,7 +118,7 @@ def test_stage_factorizes_fine_tunes_trains_from_scratch_then_reuses(tmp_path, m
         assert result.inference_models()["SVD 0.25 of full rank"](x).shape == (4, 10)
     speed = metrics.compare_speed(result.inference_models(), 8, rounds=1, repeats=1)
     table = factorization.table(result, speed)
-    assert table.loc["baseline (FP32)", steps.SPEEDUP] == 1.0
+    assert table.loc["baseline (FP32, width 8)", steps.SPEEDUP] == 1.0
     assert list(table["mode"].fillna("")) == ["", "posttraining", "", "posttraining", "", "scratch"]
     assert "fewer parameters" in factorization.headline(table)
 

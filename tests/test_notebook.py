@@ -25,10 +25,12 @@ def _outputs(nb):
     return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
 
 
-def test_papermill_command_from_the_repo_root(tmp_path):
+def test_papermill_command_from_the_repo_root(tmp_path, baseline_store):
+    # the README's command on a store holding the smoke baseline's runs: the notebook reads them back (the report
+    # build below trains them through the notebook)
     out = tmp_path / "out.ipynb"
     cmd = ["papermill", "notebooks/01_baseline.ipynb", str(out), "-f", "params/smoke.yaml",
-           "-p", "run_root", str(tmp_path / "runs"), "-p", "progress", "False"]
+           "-p", "run_root", str(baseline_store), "-p", "progress", "False"]
     r = subprocess.run([str(ROOT / ".venv/bin" / cmd[0]), *cmd[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     outputs = _outputs(nbformat.read(out, as_version=4))
@@ -38,17 +40,9 @@ def test_papermill_command_from_the_repo_root(tmp_path):
     assert any(report.HEADLINE_KEY in o.get("metadata", {}) for o in outputs)
 
 
-@pytest.fixture(scope="module")
-def smoke_reports(tmp_path_factory):
-    """Every smoke-profile report, built once for this module: (reports folder, overrides)."""
-    root = tmp_path_factory.mktemp("report")
-    out, overrides = root / "reports", {"run_root": str(root / "runs"), "progress": False}
-    assert report.build("smoke", out, overrides=overrides) == 0
-    return out, overrides
-
-
-def test_report_builds_index_and_html_then_reuses_everything(smoke_reports, capsys):
-    out, overrides = smoke_reports
+def test_report_builds_index_and_html_then_reuses_everything(smoke_report, capsys):
+    # smoke_report (conftest.py): every smoke report, built once per test run into a fresh run store
+    out, overrides = smoke_report
     index = (out / "index.html").read_text()
     assert "href='01_baseline.html'" in index and "test accuracy" in index
     html = (out / "01_baseline.html").read_text()
@@ -126,8 +120,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (.ci/run installs Debian's chromium)")
-def test_every_report_opens_in_a_browser_with_its_figures_and_no_errors(smoke_reports):
-    out, _ = smoke_reports
+def test_every_report_opens_in_a_browser_with_its_figures_and_no_errors(smoke_report):
+    out, _ = smoke_report
     index = _dom(out / "index.html")
     pages = re.findall(r"href=\"([0-9]{2}_[a-z]+\.html)\"", index)
     assert len(pages) == len(report.plan("smoke")), pages  # one link per notebook of the profile
@@ -203,11 +197,11 @@ def test_the_index_names_the_profile_each_report_was_built_with(tmp_path, monkey
     (store / "baseline").mkdir(parents=True)
     overrides = {"run_root": str(store), "progress": False}
 
-    def complete(source, target, parameters, **kwargs):
+    def complete(source, target, parameters, **kwargs):  # the default params files leave `profile` to the notebook
         nb = nbformat.v4.new_notebook()
         cell = nbformat.v4.new_code_cell("")
         cell.outputs = [nbformat.v4.new_output("display_data", {"text/markdown": "done"}, metadata={
-            report.HEADLINE_KEY: f"{Path(source).stem} of {parameters['profile']}", report.READS_KEY: ["baseline"]})]
+            report.HEADLINE_KEY: f"{Path(source).stem} of {parameters.get('profile', 'default')}", report.READS_KEY: ["baseline"]})]
         nb.cells = [cell]
         nbformat.write(nb, str(target))
 
@@ -274,11 +268,10 @@ def _poison(store):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (.ci/run installs Debian's chromium)")
-def test_hostile_text_in_a_shared_run_store_renders_as_text_in_every_report(smoke_reports, tmp_path):
+def test_hostile_text_in_a_shared_run_store_renders_as_text_in_every_report(smoke_report, smoke_store, tmp_path):
     # Before: a label's onerror handler ran in 06_summary.html (Markdown and Styler tables took it as HTML).
-    _, overrides = smoke_reports
-    store = tmp_path / "runs"
-    shutil.copytree(overrides["run_root"], store)
+    _, overrides = smoke_report
+    store = smoke_store  # a copy of the smoke report's run store
     assert _poison(store) > 10
     out = tmp_path / "reports"
     assert report.build("smoke", out, overrides={**overrides, "run_root": str(store)}) == 0

@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_lab import baselines, bench, metrics, models, packed, params, runs, steps, train
+from resnet_lab import bench, metrics, models, packed, params, runs, steps, train
 from resnet_lab import techniques as T
 from resnet_lab.stages import pruning
 
-from conftest import PARAMS
+from conftest import keep_only, stage_params
 
 
 def _net(width=8, seed=0):
@@ -276,23 +276,22 @@ def test_variants_take_the_top_level_keys_they_leave_out():
 
 
 # ---------------------------------------------------------------- the stage
-def test_stage_prunes_every_variant_then_reuses_them(tmp_path, monkeypatch):
-    bp = params.load(PARAMS / "smoke.yaml", "baseline")
-    bp.update(run_root=str(tmp_path), progress=False)
-    baselines.train(bp)
-    p = params.load(PARAMS / "pruning_smoke.yaml", "pruning")
-    p.update(run_root=str(tmp_path), progress=False)
+def test_stage_prunes_every_variant_then_reuses_them(smoke_store, monkeypatch):
+    # every variant was pruned by the smoke report's 04 notebook with this params file (conftest's `smoke_report`):
+    # the stage finds each run finished in this copy of its store
+    p = stage_params("pruning_smoke.yaml", "pruning", smoke_store)
     result = pruning.run(p)
+    keep_only(smoke_store, result.reads())  # the store of 04 alone: bench below times every run of its baseline
     rows = dict(zip(result.names(), result.rows()))
     bc_name = "L1 unstructured, global, 50% → BinaryConnect (deterministic, inner layers)"
-    assert list(rows) == ["baseline (FP32)", "L1 unstructured, global, 50%", "L1 unstructured, global, 50%, 2 steps",
+    assert list(rows) == ["baseline (FP32, width 8)", "L1 unstructured, global, 50%", "L1 unstructured, global, 50%, 2 steps",
                           "L1 unstructured, sensitivity, 50%", "L1 unstructured, global, 50% → FP16", bc_name,
                           "L1 structured, layer, 50% of channels",
                           "L1 structured, layer, 50% of channels + KD (α 0.5, T 4)"]
     models_ = result.inference_models()
-    base = rows["baseline (FP32)"]
-    chosen = [n for n, _ in T.prune.prunable(models_["baseline (FP32)"])]
-    chosen_size = sum(models_["baseline (FP32)"].get_submodule(n).weight.numel() for n in chosen)
+    base = rows["baseline (FP32, width 8)"]
+    chosen = [n for n, _ in T.prune.prunable(models_["baseline (FP32, width 8)"])]
+    chosen_size = sum(models_["baseline (FP32, width 8)"].get_submodule(n).weight.numel() for n in chosen)
     for name in ("L1 unstructured, global, 50%", "L1 unstructured, global, 50%, 2 steps"):
         model = models_[name]  # reloaded from its packed file: the zeros are permanent
         assert _zeros(model, chosen) == round(0.5 * chosen_size)
@@ -313,16 +312,16 @@ def test_stage_prunes_every_variant_then_reuses_them(tmp_path, monkeypatch):
 
     speed = metrics.compare_speed(result.inference_models(), 8, rounds=1, repeats=1)
     table = pruning.table(result, speed)
-    assert table.loc["baseline (FP32)", steps.SPEEDUP] == 1.0
+    assert table.loc["baseline (FP32, width 8)", steps.SPEEDUP] == 1.0
     assert set(pruning.score_inputs(result).columns) >= {"p_s", "p_u", "q_w (bits)", "q_a (bits)", "w", "f"}
     assert "best course score" in pruning.headline(table)
     assert pruning.sensitivity_table(result).shape == (len(sens["layers"]), 2)
     pruned_rows = sum(r["technique"] == "prune" for r in result.rows())
     assert len(pruning.curve_table(result)) == len(result.extras["curves"]) + pruned_rows
 
-    bench_p = params.validate({"baseline": "params/smoke.yaml", "run_root": str(tmp_path), "rounds": 1,
+    bench_p = params.validate({"baseline": "params/smoke.yaml", "run_root": str(smoke_store), "rounds": 1,
                                "measure_batch_size": 8}, "bench")
-    assert set(bench.inference(bench_p)) == set(rows) - {"baseline (FP32)"} | {"FP32 (baseline)"}
+    assert set(bench.inference(bench_p)) == set(rows) - {"baseline (FP32, width 8)"} | {"FP32 (baseline)"}
 
     monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("a finished run was recomputed"))
     again = pruning.run(p)

@@ -9,7 +9,7 @@ from resnet_lab import metrics, models, packed, params, registry, runs, steps, t
 from resnet_lab import techniques as T
 from resnet_lab.stages import pruning, quantization
 
-from conftest import smoke_baseline
+from conftest import copy_store, keep_only
 from conftest import stage_params as _stage_params
 
 
@@ -135,10 +135,9 @@ def test_distillation_settings_are_checked_and_off_keeps_the_keys_runs_had():
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qat") / "runs"
-    smoke_baseline(root)
-    return root
+def store(smoke_baselines, tmp_path_factory):
+    """A run store of this module holding the smoke baseline (conftest's `smoke_baselines`, copied)."""
+    return copy_store(smoke_baselines, tmp_path_factory.mktemp("qat") / "runs")
 
 
 def test_qat_is_a_step_of_03_and_a_link_of_any_chain_with_distillation(store):
@@ -166,9 +165,10 @@ def test_qat_is_a_step_of_03_and_a_link_of_any_chain_with_distillation(store):
         assert torch.equal(named.eval()(x), own.eval()(x)) and own is not result.ctx.root.model
 
 
-def test_a_w8a8_qat_model_ends_on_int8_kernels_that_agree_with_its_fake_quantized_self(store):
-    q = _stage_params("quantization_smoke.yaml", "quantization", store, methods=["qat"], epochs=1,
-                      qat=[{"weight_bits": 8, "act_bits": 8}], calibration_images=128)
+def test_a_w8a8_qat_model_ends_on_int8_kernels_that_agree_with_its_fake_quantized_self(smoke_store):
+    # the smoke profile's 03 makes this W8A8 model and its INT8 one (conftest's `smoke_report`): read back here
+    q = _stage_params("quantization_smoke.yaml", "quantization", smoke_store, methods=["qat"],
+                      qat=[{"weight_bits": 8, "act_bits": 8, "epochs": 1}], calibration_images=128)
     result = quantization.run(q)
     fake, real = result.models[1:]
     assert fake.row["technique"] == "qat" and real.row["lineage"] == ["qat", "int8"]
@@ -189,22 +189,24 @@ def test_only_int8_may_follow_qat(store):
     assert {str(r) for r in runs.RunStore(store).runs()} == before  # refused before any work
 
 
-def test_the_summary_pairs_each_model_fine_tuned_with_and_without_distillation(store):
+def test_the_summary_pairs_each_model_fine_tuned_with_and_without_distillation(smoke_store):
     from resnet_lab import summary
 
+    # the smoke profile's 04 fine-tunes this pair (conftest's `smoke_report`): read back, then summarized alone
     structured = {"method": "ln_structured", "scope": "layer", "amounts": [0.5], "epochs": 2}
-    p = _stage_params("pruning_smoke.yaml", "pruning", store, sensitivity_amounts=[], curve_amounts=[],
-                      variants=[structured, {**structured, "distill": {"alpha": 0.9, "temperature": 2.0}}])
+    p = _stage_params("pruning_smoke.yaml", "pruning", smoke_store, sensitivity_amounts=[], curve_amounts=[],
+                      variants=[structured, {**structured, "distill": {"alpha": 0.5, "temperature": 4.0}}])
     result = pruning.run(p)
+    keep_only(smoke_store, result.reads())
     off, on = [m for m in result.models if m.row["technique"] == "prune"]
-    assert off.run.key != on.run.key and not off.run.params["distill"] and on.run.params["distill"]["alpha"] == 0.9
-    assert on.name == off.name + " + KD (α 0.9, T 2)"
-    sp = _stage_params("summary_smoke.yaml", "summary", store, onnx=False, profile_groups=[])
+    assert off.run.key != on.run.key and not off.run.params["distill"] and on.run.params["distill"]["alpha"] == 0.5
+    assert on.name == off.name + " + KD (α 0.5, T 4)"
+    sp = _stage_params("summary_smoke.yaml", "summary", smoke_store, onnx=False, profile_groups=[])
     s = summary.run(sp)
     kd = summary.distillation(s)
     names = {r["run"]: r["model"] for r in s.rows}  # the summary's names (a suffix where two share a lineage)
     row = kd.loc[names[str(off.run)]]
-    assert row["with distillation"] == names[str(on.run)] and row["distillation"] == "α 0.9, T 2, teacher baseline"
+    assert row["with distillation"] == names[str(on.run)] and row["distillation"] == "α 0.5, T 4, teacher baseline"
     assert (row["validation without (%)"], row["validation with (%)"]) == (off.row["val_acc"], on.row["val_acc"])
     assert row["test with (%)"] - row["test without (%)"] == pytest.approx(row["Δ test (pt)"])
     assert row["chosen on validation"] == ("with" if on.row["val_acc"] > off.row["val_acc"] else "without")

@@ -7,19 +7,14 @@ from resnet_lab import baselines, bench, data, metrics, models, params, runs, st
 from resnet_lab import techniques as T
 from resnet_lab.stages import quantization
 
-from conftest import PARAMS
+from conftest import PARAMS, keep_only, stage_params
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A smoke baseline trained once for this module, and quantization params pointing at it."""
-    root = tmp_path_factory.mktemp("runs")
-    bp = params.load(PARAMS / "smoke.yaml", "baseline")
-    bp.update(run_root=str(root), progress=False)
-    result = baselines.train(bp)
-    qp = params.load(PARAMS / "quantization_smoke.yaml", "quantization")
-    qp.update(run_root=str(root), progress=False)
-    return result, qp
+def trained(smoke_baselines):
+    """The smoke baseline (trained once per test run: conftest's `smoke_baselines`), read back."""
+    result, _ = baselines.trained("params/smoke.yaml", {"run_root": str(smoke_baselines), "progress": False})
+    return result
 
 
 def _net(width=4, seed=0):
@@ -151,8 +146,8 @@ def _acc(model, split):
     return train.evaluate(model, data.Batches(split, 256, "cpu"))["acc"]
 
 
-def test_fp16_and_bf16_keep_accuracy_and_halve_the_file(trained, tmp_path):
-    result, _ = trained
+def test_fp16_and_bf16_keep_accuracy_and_halve_the_file(trained):
+    result = trained
     test = result.dataset.test
     fp32 = _acc(result.model, test)
     for dtype in (torch.float16, torch.bfloat16):
@@ -165,7 +160,7 @@ def test_fp16_and_bf16_keep_accuracy_and_halve_the_file(trained, tmp_path):
 
 
 def test_int8_agrees_with_fp32_and_reloads_identically(trained, tmp_path):
-    result, _ = trained
+    result = trained
     split = result.dataset.train
     calib = data.Batches(data.Split(split.images[:128], split.labels[:128]), 64, "cpu")
     q = T.int8.quantize(result.model, calib)
@@ -215,9 +210,12 @@ def test_course_inputs_measure_structured_and_unstructured_pruning_against_the_u
 
 
 # ---------------------------------------------------------------- the stage
-def test_stage_runs_every_method_then_reuses_them(trained, monkeypatch, tmp_path):
-    result, qp = trained
+def test_stage_runs_every_method_then_reuses_them(smoke_store, monkeypatch, tmp_path):
+    # every method was run by the smoke report's 03 notebook with this params file (conftest's `smoke_report`): the
+    # stage finds each run finished in this copy of its store
+    qp = stage_params("quantization_smoke.yaml", "quantization", smoke_store)
     out = quantization.run(qp)
+    keep_only(smoke_store, out.reads())  # the store of 03 alone: bench below times every run of its baseline
     rows = out.rows()
     assert [r["technique"] for r in rows] == ["baseline", "fp16", "bf16", "int8", "binaryconnect", "binaryconnect",
                                               "qat", "int8", "qat"]
@@ -232,7 +230,7 @@ def test_stage_runs_every_method_then_reuses_them(trained, monkeypatch, tmp_path
     assert set(quantization.histories(out, "binaryconnect")) == {r["label"] for r in bc}
     speed = metrics.compare_speed(out.inference_models(), 8, rounds=1, repeats=1)
     table = steps.table(out, speed)
-    assert table.loc[rows[0]["label"], steps.SPEEDUP] == 1.0
+    assert table.loc[out.names()[0], steps.SPEEDUP] == 1.0
     assert "INT8" in quantization.headline(table) and "BinaryConnect" in quantization.headline(table)
     text = quantization.describe(table, out)
     assert "**FP16** on this CPU" in text and "**INT8 (x86" in text

@@ -16,7 +16,7 @@ from resnet_lab.runs import RunStoreError
 from conftest import PARAMS, ROOT
 
 # A smoke recipe slow enough (about a second an epoch) to be killed between two checkpoints.
-SLOW = {"synthetic_train": 2048, "epochs": 6, "progress": False, "seeds": []}  # one run: the run of `seed`
+SLOW = {"synthetic_train": 2048, "epochs": 4, "progress": False, "seeds": []}  # one run: the run of `seed`
 
 
 def _params_file(tmp_path, name, **values):
@@ -85,7 +85,10 @@ def test_two_processes_on_one_run_train_it_once_and_both_get_it(tmp_path):
 
 # ---------------------------------------------------------------- corrupt and foreign files
 @pytest.fixture
-def trained(smoke):
+def trained(baseline_store):
+    """The finished smoke baseline in this test's own store (conftest's `baseline_store`), and its params."""
+    smoke = params.load(PARAMS / "smoke.yaml", "baseline")
+    smoke.update(run_root=str(baseline_store), progress=False)
     return baselines.train(smoke), smoke
 
 
@@ -158,9 +161,9 @@ def test_report_of_a_stage_without_its_upstream_names_the_command(tmp_path):
 
 @pytest.mark.slow
 def test_two_report_builds_at_once_take_turns_and_the_second_finds_the_report_up_to_date(tmp_path):
-    code = ("import sys; from resnet_lab import report; "
+    code = ("import sys; from resnet_lab import report; "  # one epoch: what is tested is the lock, not the training
             f"sys.exit(report.build('smoke', {str(tmp_path / 'reports')!r}, only=['01_baseline'], "
-            f"overrides={{'run_root': {str(tmp_path / 'runs')!r}, 'progress': False}}))")
+            f"overrides={{'run_root': {str(tmp_path / 'runs')!r}, 'progress': False, 'epochs': 1}}))")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]

@@ -8,25 +8,19 @@ from resnet_lab import techniques as T
 from resnet_lab.train import TrainingDiverged
 
 
+# What a test of the training loop alone needs: a few steps an epoch, not the smoke profile's 512 images.
+SMALL = {"synthetic_train": 128, "synthetic_test": 32}
+
+
 def _fit(p, checkpoint=None):
     torch.manual_seed(p["seed"])
     model = models.resnet18(p["width"])
     return model, train.fit(model, data.from_params(p), p, checkpoint)
 
 
-def test_training_learns_the_synthetic_task(smoke):
-    p = dict(smoke, epochs=4)
-    _, history = _fit(p)
-    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
-    assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert history[-1]["val_acc"] > 50 and history[-1]["test_acc"] > 50  # 10 classes: chance is 10%
-    for key in ("lr", "train_acc", "val_loss", "test_loss", "epoch_time_s"):
-        assert all(math.isfinite(r[key]) for r in history)
-
-
 @pytest.mark.parametrize("optimizer, scheduler", [("sgd", "step"), ("adam", "cosine"), ("adamw", "none")])
 def test_every_optimizer_and_schedule_runs(smoke, optimizer, scheduler):
-    p = dict(smoke, epochs=2, optimizer=optimizer, scheduler=scheduler, lr=1e-3, step_size=1, gamma=0.5,
+    p = dict(smoke, **SMALL, epochs=2, optimizer=optimizer, scheduler=scheduler, lr=1e-3, step_size=1, gamma=0.5,
              label_smoothing=0.1, test_each_epoch=False)
     _, history = _fit(p)
     assert "test_acc" not in history[0] and "val_acc" in history[0]
@@ -36,11 +30,11 @@ def test_every_optimizer_and_schedule_runs(smoke, optimizer, scheduler):
 
 def test_nan_loss_stops_with_a_clear_message(smoke):
     with pytest.raises(TrainingDiverged, match="lower the learning rate"):
-        _fit(dict(smoke, lr=1e6, scheduler="none", epochs=2))
+        _fit(dict(smoke, **SMALL, lr=1e6, scheduler="none", epochs=2))
 
 
 def test_resume_after_interruption_gives_the_same_history(smoke, tmp_path, monkeypatch):
-    p = dict(smoke, epochs=3)
+    p = dict(smoke, **SMALL, epochs=3)
     _, uninterrupted = _fit(p)
 
     checkpoint = tmp_path / "checkpoint.pt"
@@ -61,9 +55,16 @@ def test_resume_after_interruption_gives_the_same_history(smoke, tmp_path, monke
     assert strip(resumed) == strip(uninterrupted)
 
 
-def test_baseline_stage_stores_and_then_reuses_its_run(smoke):
-    first = baselines.train(smoke)
+def test_the_baseline_learns_the_synthetic_task_stores_its_run_and_then_reuses_it(smoke_replicates):
+    # the smoke baseline of each seed as conftest's `smoke_replicates` trained it (once per test run) into a new store
+    smoke, (first, _) = smoke_replicates
     assert not first.reused and first.run.done
+    history = first.history  # the training of the stage, read back from its history.json
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_acc"] > 50 and history[-1]["test_acc"] > 50  # 10 classes: chance is 10%
+    for key in ("lr", "train_acc", "val_loss", "test_loss", "epoch_time_s"):
+        assert all(math.isfinite(r[key]) for r in history)
     names = {f.name for f in first.run.dir.iterdir()}
     assert {"params.yaml", "model.pt", "history.json", "predictions.npz", "metrics.json"} <= names
     assert "checkpoint.pt" not in names and not any(n.endswith(".tmp") for n in names)
@@ -79,7 +80,9 @@ def test_baseline_stage_stores_and_then_reuses_its_run(smoke):
     assert torch.equal(first.model(x), second.model(x))
 
 
-def test_baseline_seeds_train_one_run_per_seed_on_the_same_split(smoke):
+def test_baseline_seeds_train_one_run_per_seed_on_the_same_split(smoke_replicates, baseline_store):
+    assert [r.reused for r in smoke_replicates[1]] == [False, False]  # conftest's `smoke_replicates` trained both
+    smoke = {**smoke_replicates[0], "run_root": str(baseline_store)}  # a copy of its store
     assert smoke["seeds"] == [0, 1]  # the smoke file's
     alone = baselines.train({**smoke, "seeds": []})
     reps = baselines.replicates(smoke)

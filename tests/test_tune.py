@@ -3,6 +3,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from resnet_lab import params, train, tune
+from resnet_lab.__main__ import main
 from resnet_lab.params import ParamsError
 
 from conftest import ROOT
@@ -157,14 +159,15 @@ def test_diverged_trials_are_recorded_as_pruned_and_the_study_goes_on(tmp_path, 
     ({"weight_decay": [0.0, 0.01]}, "log scale, so low must be > 0"),
     ({"weight_decy": [1.0e-5, 0.1]}, "unknown search-space key 'search_space.weight_decy' (did you mean 'weight_decay'?)"),
 ])
-def test_invalid_search_space_fails_before_any_trial(tmp_path, python, space, message):
+def test_invalid_search_space_fails_before_any_trial(tmp_path, capsys, space, message):
     with pytest.raises(ParamsError) as e:
         tiny(tmp_path, search_space=space)
     assert message in str(e.value)
     f = tmp_path / "bad.yaml"
     f.write_text(yaml.safe_dump({"search_space": space, "run_root": str(tmp_path / "runs")}))
-    r = subprocess.run([python, "-m", "resnet_lab", "tune", str(f)], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 2 and message in r.stderr
+    # the command line's `tune` verb, in this process (`python -m resnet_lab tune` on a file it refuses, in a process
+    # of its own: test_a_storage_that_cannot_be_opened_is_one_line_without_its_password)
+    assert main(["tune", str(f)]) == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing was created: no storage, no trial
 
 
@@ -230,46 +233,66 @@ WHY_NO_POSTGRES = postgres_server.missing()
 needs_postgres = pytest.mark.skipif(WHY_NO_POSTGRES is not None, reason=f"no PostgreSQL server: {WHY_NO_POSTGRES}")
 
 # Each worker imports the lab, says it is ready, waits for the go, then opens the study: all open it within
-# milliseconds, which is what happens when several `tune` commands are started at once on a fresh storage.
+# milliseconds, which is what happens when several `tune` commands are started at once on a fresh storage. One set
+# of workers (one import of the lab each) does this on each kind of storage in turn, each a race of its own.
 OPEN_AT_ONCE = """
-import sys, time
+import sys, time, traceback
 from pathlib import Path
 from resnet_lab import params, tune
-folder, url, me = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-p = params.validate({"data": "synthetic", "run_root": str(folder / "runs"), "storage": url, "study_name": "race",
-                     "search_space": {"lr": {"sgd": [0.01, 0.2], "adam": [1e-4, 1e-2]}}}, "optuna")
-(folder / f"ready-{me}").touch()
-while not (folder / "go").exists():
-    time.sleep(0.002)
-study, created = tune.open_study(p)
-print("opened", study.study_name, "created" if created else "joined")
+folder, me, storages = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+for kind, url in zip(storages[::2], storages[1::2]):
+    p = params.validate({"data": "synthetic", "run_root": str(folder / "runs"), "storage": url, "study_name": "race",
+                         "search_space": {"lr": {"sgd": [0.01, 0.2], "adam": [1e-4, 1e-2]}}}, "optuna")
+    (folder / f"ready-{kind}-{me}").touch()
+    while not (folder / f"go-{kind}").exists():
+        time.sleep(0.002)
+    try:
+        study, created = tune.open_study(p)
+        print(kind, "opened", study.study_name, "created" if created else "joined", flush=True)
+    except Exception:
+        print(kind, "failed:", traceback.format_exc().replace(chr(10), " | "), flush=True)
 """
 
 
-def _open_together(tmp_path, python, url, workers=6):
-    procs = [subprocess.Popen([python, "-c", OPEN_AT_ONCE, str(tmp_path), url, str(i)], cwd=ROOT,
+def _open_together(folder, python, storages, workers=6):
+    """{kind: [(return code, what the worker printed for that storage, its stderr)] for each worker}."""
+    args = [x for kind_url in storages.items() for x in kind_url]
+    procs = [subprocess.Popen([python, "-c", OPEN_AT_ONCE, str(folder), str(i), *args], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(workers)]
-    deadline = time.time() + 240
-    while len(list(tmp_path.glob("ready-*"))) < workers and time.time() < deadline:
-        time.sleep(0.05)
-    (tmp_path / "go").touch()
-    return [(proc.returncode, out, err) for proc in procs for out, err in [proc.communicate(timeout=240)]]
+    for kind in storages:
+        deadline = time.time() + 240
+        while (len(list(folder.glob(f"ready-{kind}-*"))) < workers and time.time() < deadline
+               and all(proc.poll() is None for proc in procs)):
+            time.sleep(0.05)
+        (folder / f"go-{kind}").touch()
+    done = [(proc.returncode, out, err) for proc in procs for out, err in [proc.communicate(timeout=240)]]
+    return {kind: [(rc, "\n".join(line for line in out.splitlines() if line.startswith(f"{kind} ")), err)
+                   for rc, out, err in done] for kind in storages}
+
+
+@pytest.fixture(scope="module")
+def opened_together(tmp_path_factory):
+    """Six workers started together opening one study on a fresh SQLite file, then on a fresh journal file, then (where
+    a server can be started) on a fresh PostgreSQL database: ({kind: storage URL}, {kind: what each worker got},
+    the folder they ran in)."""
+    folder = tmp_path_factory.mktemp("race")
+    storages = {"sqlite": f"sqlite:///{folder / 'fresh.db'}", "journal": f"journal:{folder / 'fresh.journal'}"}
+    with contextlib.ExitStack() as stack:
+        if WHY_NO_POSTGRES is None:
+            storages["postgresql"] = stack.enter_context(postgres_server.server())
+        yield storages, _open_together(folder, sys.executable, storages), folder
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal", pytest.param("postgresql", marks=needs_postgres)])
-def test_workers_started_together_on_a_fresh_storage_all_open_one_study(tmp_path, python, kind):
+def test_workers_started_together_on_a_fresh_storage_all_open_one_study(opened_together, kind):
     # Before: on a fresh SQLite file 1-3 of 4 workers died ("table studies already exists", "UNIQUE constraint
     # failed: alembic_version"), on PostgreSQL 1-2 of 6 ("duplicate key … pg_type_typname_nsp_index").
-    with contextlib.ExitStack() as stack:
-        url = {"sqlite": f"sqlite:///{tmp_path / 'fresh.db'}", "journal": f"journal:{tmp_path / 'fresh.journal'}",
-               "postgresql": "server"}[kind]
-        if kind == "postgresql":
-            url = stack.enter_context(postgres_server.server())
-        results = _open_together(tmp_path, python, url)
-        assert all(rc == 0 and "opened race" in out for rc, out, _ in results), [err[-600:] for rc, _, err in results if rc]
-        assert sum("created" in out for _, out, _ in results) == 1  # one creator; the others joined
-        p = params.validate({"storage": url, "study_name": "race", "run_root": str(tmp_path / "runs")}, "optuna")
-        assert [s.study_name for s in optuna.get_all_study_summaries(tune.storage(p))] == ["race"]
+    storages, opened, folder = opened_together
+    results = opened[kind]
+    assert all(rc == 0 and f"{kind} opened race" in out for rc, out, _ in results), [out + err[-600:] for _, out, err in results]
+    assert sum("created" in out for _, out, _ in results) == 1  # one creator; the others joined
+    p = params.validate({"storage": storages[kind], "study_name": "race", "run_root": str(folder / "runs")}, "optuna")
+    assert [s.study_name for s in optuna.get_all_study_summaries(tune.storage(p))] == ["race"]
 
 
 @needs_postgres
