@@ -84,9 +84,9 @@ def test_layers_that_would_not_save_parameters_are_left_alone():
     ({"rank_rule": "fixed", "ranks": [8, 2.5]}, "whole rank"),
     ({"variants": [{"rank_rule": "fixed", "ranks": [0.5]}]}, "the recipe: rank value 0.5: with rank_rule 'fixed'"),
     ({"then": [{"svd": {}}]}, "needs 'rank'"),
-    ({"rank_rule": "fraction", "ranks": [1.5]}, "(0, 1]"),
+    ({"rank_rule": "fraction", "ranks": [1.5], "variants": []}, "(0, 1]"),  # the top-level keys as the one recipe
     ({"rank_rule": "energy", "ranks": [0.9], "scratch_ranks": [2]}, "(0, 1]"),
-    ({"ranks": []}, "at least one"),
+    ({"ranks": [], "variants": []}, "at least one"),
     ({"ranks": [0.5, 0.5]}, "twice"),
     ({"rank_rule": "svd"}, "one of 'fixed'"),
     ({"rank_multiple": 0}, "out of range"),

@@ -249,13 +249,13 @@ def test_a_packed_file_of_another_kind_or_damaged_is_refused(tmp_path):
 # ---------------------------------------------------------------- params
 @pytest.mark.parametrize("values, expect", [
     ({"amounts": [1.0]}, "lies in [0, 1)"),
-    ({"amounts": []}, "at least one amount"),
+    ({"amounts": [], "variants": []}, "at least one amount"),  # the top-level keys as the one recipe
     ({"method": "l2"}, "one of 'l1', 'ln_structured'"),
     ({"variants": [{"methd": "l1"}]}, "did you mean 'method'"),
     ({"variants": [{"method": "ln_structured", "scope": "sensitivity"}]}, "works with method 'l1'"),
     ({"variants": [{"schedule": "iterative", "steps": 4, "epochs": 3}]}, "at least as many epochs"),
-    ({"scope": "sensitivity", "amounts": [0.99]}, "exceeds the largest sensitivity amount"),
-    ({"scope": "sensitivity", "sensitivity_amounts": []}, "needs the sensitivity analysis"),
+    ({"scope": "sensitivity", "amounts": [0.99], "variants": []}, "exceeds the largest sensitivity amount"),
+    ({"scope": "sensitivity", "sensitivity_amounts": [], "variants": []}, "needs the sensitivity analysis"),
     ({"then": "int9"}, "unknown step 'int9' (did you mean 'int8'?)"),
     ({"then": [{"int8": {"backnd": "x86"}}]}, "did you mean 'backend'"),
     ({"then": [{"prune": {"method": "l1"}}]}, "needs 'amount'"),
@@ -272,7 +272,7 @@ def test_variants_take_the_top_level_keys_they_leave_out():
     p = params.validate({"epochs": 7, "variants": [{"method": "ln_structured", "amounts": [0.5]}, {"then": "fp16"}]}, "pruning")
     assert [v["method"] for v in p["variants"]] == ["ln_structured", "l1"]
     assert all(v["epochs"] == 7 for v in p["variants"]) and p["variants"][1]["then"] == [{"fp16": {}}]
-    assert params.validate({"amounts": [0.3]}, "pruning")["variants"][0]["amounts"] == [0.3]
+    assert params.validate({"amounts": [0.3], "variants": []}, "pruning")["variants"][0]["amounts"] == [0.3]
 
 
 # ---------------------------------------------------------------- the stage
