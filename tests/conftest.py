@@ -2,9 +2,10 @@
 
 - `smoke_baselines`: the smoke baseline (params/smoke.yaml) trained on both of its seeds, nothing else;
   `baseline_store` hands each test its own copy.
-- `smoke_report`: every smoke-profile report built by `make report`'s pipeline (the notebooks through papermill),
-  whose run store then holds a finished run of everything the smoke profile makes; `smoke_store` hands each test
-  its own copy, in which the smoke stages find all their runs finished.
+- `smoke_reports`: the smoke-profile reports built by `make report`'s pipeline (the notebooks through papermill), each
+  notebook when a test first needs it (`smoke_report`: all of them); their run store then holds a finished run of
+  what those notebooks make, and `smoke_store(notebook, ...)` hands each test its own copy, in which the stages of
+  those notebooks find all their runs finished.
 
 Tests change only their copies: the originals stay as they were made (test_notebook checks that a second build of
 the reports finds them up to date).
@@ -87,26 +88,59 @@ def baseline_store(smoke_baselines, tmp_path):
     return copy_store(smoke_baselines, tmp_path / "store" / "runs")
 
 
-@pytest.fixture(scope="session")
-def smoke_report(tmp_path_factory):
-    """Every smoke-profile report (params/report.yaml's smoke column), built once per test run by `make report`'s
-    pipeline into a fresh run store: (reports folder, overrides). The notebooks train and make everything the smoke
-    profile makes, so the store (overrides["run_root"]) then holds the baseline on both seeds, the Optuna study and
-    its retrained recipe, every model of the 03, 04 and 05 smoke params files and the ONNX files 06 exported.
-    Only test_notebook's build test writes here; other tests take a copy (`smoke_store`)."""
-    from resnet_lab import report
+class SmokeReports:
+    """The smoke profile's reports (params/report.yaml's smoke column), built by `make report`'s pipeline (each
+    notebook through papermill) into a fresh run store, each notebook once per test run and only when a test needs
+    it. The notebooks train and make everything the smoke profile makes."""
 
-    root = tmp_path_factory.mktemp("smoke-report")
-    out, overrides = root / "reports", {"run_root": str(root / "runs"), "progress": False}
-    assert report.build("smoke", out, overrides=overrides) == 0
-    return out, overrides
+    def __init__(self, root):
+        self.out = Path(root) / "reports"
+        self.overrides = {"run_root": str(Path(root) / "runs"), "progress": False}
+        self.built = []
+
+    def build(self, notebooks=None):
+        """Build the reports of `notebooks` (with 01_baseline, which every stage starts from), or of every notebook of
+        the profile when None. A notebook that reads the whole store (06, the last) is built only with all the others."""
+        from resnet_lab import report
+
+        plan = [name for name, _ in report.plan("smoke")]
+        if notebooks is not None:
+            assert plan[-1] not in notebooks, f"{plan[-1]} reads every run: ask for all the reports"
+        wanted = plan if notebooks is None else [plan[0], *notebooks]
+        todo = [name for name in plan if name in wanted and name not in self.built]
+        if todo:
+            # all of them in one build (those built already found up to date), as `make report` does: its stamps are
+            # then taken as the last notebook leaves the store (06 adds each run's ONNX file)
+            only = None if notebooks is None else todo
+            assert report.build("smoke", self.out, only=only, overrides=self.overrides) == 0
+            self.built += todo
+
+
+@pytest.fixture(scope="session")
+def smoke_reports(tmp_path_factory):
+    """The smoke reports of this test run (`SmokeReports`), each built when first asked for. Only test_notebook's build
+    test writes to them or their store; other tests take a copy of the store (`smoke_store`)."""
+    return SmokeReports(tmp_path_factory.mktemp("smoke-report"))
+
+
+@pytest.fixture(scope="session")
+def smoke_report(smoke_reports):
+    """Every smoke report, built: (reports folder, overrides). Its run store (overrides["run_root"]) then holds the
+    baseline on both seeds, the Optuna study and its retrained recipe, every model of the 03, 04 and 05 smoke params
+    files and the ONNX files 06 exported."""
+    smoke_reports.build()
+    return smoke_reports.out, smoke_reports.overrides
 
 
 @pytest.fixture
-def smoke_store(smoke_report, tmp_path):
-    """This test's own copy of the smoke report's run store (`smoke_report`): every smoke stage run there is
-    reused, not recomputed."""
-    return copy_store(smoke_report[1]["run_root"], tmp_path / "smoke" / "runs")
+def smoke_store(smoke_reports, tmp_path):
+    """`smoke_store("04_pruning", ...)`: this test's own copy of the smoke reports' run store once those notebooks
+    (all of them when none is named) have run, so that the stage of each finds every one of its runs finished."""
+    def copy(*notebooks):
+        smoke_reports.build(list(notebooks) or None)
+        return copy_store(smoke_reports.overrides["run_root"], tmp_path / "smoke" / "runs")
+
+    return copy
 
 
 @pytest.fixture

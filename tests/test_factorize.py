@@ -99,8 +99,9 @@ def test_svd_params_are_checked_before_any_work(values, expect):
 
 def test_stage_factorizes_fine_tunes_trains_from_scratch_then_reuses(smoke_store, monkeypatch):
     # each model was factorized, fine-tuned or trained from scratch by the smoke report's 05 notebook with this
-    # params file (conftest's `smoke_report`): the stage finds each run finished in this copy of its store
-    p = stage_params("svd_smoke.yaml", "svd", smoke_store)
+    # params file (conftest's `smoke_reports`): the stage finds each run finished in this copy of its store
+    store = smoke_store("05_svd")
+    p = stage_params("svd_smoke.yaml", "svd", store)
     result = factorization.run(p)
     int8 = "INT8 (x86, 128 calibration images)"
     assert result.names() == ["baseline (FP32, width 8)", "SVD 0.5 of full rank", f"SVD 0.5 of full rank → {int8}",

@@ -41,7 +41,7 @@ def test_papermill_command_from_the_repo_root(tmp_path, baseline_store):
 
 
 def test_report_builds_index_and_html_then_reuses_everything(smoke_report, capsys):
-    # smoke_report (conftest.py): every smoke report, built once per test run into a fresh run store
+    # smoke_report (conftest.py): every smoke report, each built once per test run, into a fresh run store
     out, overrides = smoke_report
     index = (out / "index.html").read_text()
     assert "href='01_baseline.html'" in index and "test accuracy" in index
@@ -271,7 +271,7 @@ def _poison(store):
 def test_hostile_text_in_a_shared_run_store_renders_as_text_in_every_report(smoke_report, smoke_store, tmp_path):
     # Before: a label's onerror handler ran in 06_summary.html (Markdown and Styler tables took it as HTML).
     _, overrides = smoke_report
-    store = smoke_store  # a copy of the smoke report's run store
+    store = smoke_store()  # a copy of the smoke report's run store
     assert _poison(store) > 10
     out = tmp_path / "reports"
     assert report.build("smoke", out, overrides={**overrides, "run_root": str(store)}) == 0

@@ -277,11 +277,12 @@ def test_variants_take_the_top_level_keys_they_leave_out():
 
 # ---------------------------------------------------------------- the stage
 def test_stage_prunes_every_variant_then_reuses_them(smoke_store, monkeypatch):
-    # every variant was pruned by the smoke report's 04 notebook with this params file (conftest's `smoke_report`):
+    # every variant was pruned by the smoke report's 04 notebook with this params file (conftest's `smoke_reports`):
     # the stage finds each run finished in this copy of its store
-    p = stage_params("pruning_smoke.yaml", "pruning", smoke_store)
+    store = smoke_store("04_pruning")
+    p = stage_params("pruning_smoke.yaml", "pruning", store)
     result = pruning.run(p)
-    keep_only(smoke_store, result.reads())  # the store of 04 alone: bench below times every run of its baseline
+    keep_only(store, result.reads())  # the store of 04 alone: bench below times every run of its baseline
     rows = dict(zip(result.names(), result.rows()))
     bc_name = "L1 unstructured, global, 50% → BinaryConnect (deterministic, inner layers)"
     assert list(rows) == ["baseline (FP32, width 8)", "L1 unstructured, global, 50%", "L1 unstructured, global, 50%, 2 steps",
@@ -319,7 +320,7 @@ def test_stage_prunes_every_variant_then_reuses_them(smoke_store, monkeypatch):
     pruned_rows = sum(r["technique"] == "prune" for r in result.rows())
     assert len(pruning.curve_table(result)) == len(result.extras["curves"]) + pruned_rows
 
-    bench_p = params.validate({"baseline": "params/smoke.yaml", "run_root": str(smoke_store), "rounds": 1,
+    bench_p = params.validate({"baseline": "params/smoke.yaml", "run_root": str(store), "rounds": 1,
                                "measure_batch_size": 8}, "bench")
     assert set(bench.inference(bench_p)) == set(rows) - {"baseline (FP32, width 8)"} | {"FP32 (baseline)"}
 

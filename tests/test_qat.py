@@ -166,8 +166,8 @@ def test_qat_is_a_step_of_03_and_a_link_of_any_chain_with_distillation(store):
 
 
 def test_a_w8a8_qat_model_ends_on_int8_kernels_that_agree_with_its_fake_quantized_self(smoke_store):
-    # the smoke profile's 03 makes this W8A8 model and its INT8 one (conftest's `smoke_report`): read back here
-    q = _stage_params("quantization_smoke.yaml", "quantization", smoke_store, methods=["qat"],
+    # the smoke profile's 03 makes this W8A8 model and its INT8 one (conftest's `smoke_reports`): read back here
+    q = _stage_params("quantization_smoke.yaml", "quantization", smoke_store("03_quantization"), methods=["qat"],
                       qat=[{"weight_bits": 8, "act_bits": 8, "epochs": 1}], calibration_images=128)
     result = quantization.run(q)
     fake, real = result.models[1:]
@@ -192,16 +192,17 @@ def test_only_int8_may_follow_qat(store):
 def test_the_summary_pairs_each_model_fine_tuned_with_and_without_distillation(smoke_store):
     from resnet_lab import summary
 
-    # the smoke profile's 04 fine-tunes this pair (conftest's `smoke_report`): read back, then summarized alone
+    # the smoke profile's 04 fine-tunes this pair (conftest's `smoke_reports`): read back, then summarized alone
+    store = smoke_store("04_pruning")
     structured = {"method": "ln_structured", "scope": "layer", "amounts": [0.5], "epochs": 2}
-    p = _stage_params("pruning_smoke.yaml", "pruning", smoke_store, sensitivity_amounts=[], curve_amounts=[],
+    p = _stage_params("pruning_smoke.yaml", "pruning", store, sensitivity_amounts=[], curve_amounts=[],
                       variants=[structured, {**structured, "distill": {"alpha": 0.5, "temperature": 4.0}}])
     result = pruning.run(p)
-    keep_only(smoke_store, result.reads())
+    keep_only(store, result.reads())
     off, on = [m for m in result.models if m.row["technique"] == "prune"]
     assert off.run.key != on.run.key and not off.run.params["distill"] and on.run.params["distill"]["alpha"] == 0.5
     assert on.name == off.name + " + KD (α 0.5, T 4)"
-    sp = _stage_params("summary_smoke.yaml", "summary", smoke_store, onnx=False, profile_groups=[])
+    sp = _stage_params("summary_smoke.yaml", "summary", store, onnx=False, profile_groups=[])
     s = summary.run(sp)
     kd = summary.distillation(s)
     names = {r["run"]: r["model"] for r in s.rows}  # the summary's names (a suffix where two share a lineage)

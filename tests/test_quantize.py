@@ -211,11 +211,12 @@ def test_course_inputs_measure_structured_and_unstructured_pruning_against_the_u
 
 # ---------------------------------------------------------------- the stage
 def test_stage_runs_every_method_then_reuses_them(smoke_store, monkeypatch, tmp_path):
-    # every method was run by the smoke report's 03 notebook with this params file (conftest's `smoke_report`): the
+    # every method was run by the smoke report's 03 notebook with this params file (conftest's `smoke_reports`): the
     # stage finds each run finished in this copy of its store
-    qp = stage_params("quantization_smoke.yaml", "quantization", smoke_store)
+    store = smoke_store("03_quantization")
+    qp = stage_params("quantization_smoke.yaml", "quantization", store)
     out = quantization.run(qp)
-    keep_only(smoke_store, out.reads())  # the store of 03 alone: bench below times every run of its baseline
+    keep_only(store, out.reads())  # the store of 03 alone: bench below times every run of its baseline
     rows = out.rows()
     assert [r["technique"] for r in rows] == ["baseline", "fp16", "bf16", "int8", "binaryconnect", "binaryconnect",
                                               "qat", "int8", "qat"]
