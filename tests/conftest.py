@@ -115,6 +115,12 @@ class SmokeReports:
             assert report.build("smoke", self.out, only=only, overrides=self.overrides) == 0
             self.built += todo
 
+    def copy(self, target, notebooks=None):
+        """A copy at `target` of the run store once `notebooks` (all when None) have run (for a fixture of any
+        scope: `smoke_reports.copy(tmp_path_factory.mktemp(...) / "runs", ["04_pruning"])`)."""
+        self.build(notebooks)
+        return copy_store(self.overrides["run_root"], target)
+
 
 @pytest.fixture(scope="session")
 def smoke_reports(tmp_path_factory):
@@ -136,11 +142,7 @@ def smoke_report(smoke_reports):
 def smoke_store(smoke_reports, tmp_path):
     """`smoke_store("04_pruning", ...)`: this test's own copy of the smoke reports' run store once those notebooks
     (all of them when none is named) have run, so that the stage of each finds every one of its runs finished."""
-    def copy(*notebooks):
-        smoke_reports.build(list(notebooks) or None)
-        return copy_store(smoke_reports.overrides["run_root"], tmp_path / "smoke" / "runs")
-
-    return copy
+    return lambda *notebooks: smoke_reports.copy(tmp_path / "smoke" / "runs", list(notebooks) or None)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from resnet_lab.runs import RunStoreError
 from conftest import PARAMS, ROOT
 
 # A smoke recipe slow enough (about a second an epoch) to be killed between two checkpoints.
-SLOW = {"synthetic_train": 2048, "epochs": 4, "progress": False, "seeds": []}  # one run: the run of `seed`
+SLOW = {"synthetic_train": 1024, "epochs": 4, "progress": False, "seeds": []}  # one run: the run of `seed`
 
 
 def _params_file(tmp_path, name, **values):

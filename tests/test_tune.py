@@ -186,7 +186,7 @@ def _count(p):
 
 
 def test_study_killed_mid_way_resumes_without_redoing_trials(tmp_path, python):
-    f, p = _write(tmp_path, "study.yaml", n_trials=6, synthetic_train=512, trial_width=8, trial_epochs=3, pruner="none")
+    f, p = _write(tmp_path, "study.yaml", n_trials=6, pruner="none")  # the tiny study's trials: about a second each
     proc = subprocess.Popen([python, "-m", "resnet_lab", "tune", str(f)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
