@@ -3,8 +3,10 @@
 A step takes a parent model run (the baseline, or any finished model run), applies a registered
 technique (`registry`), fine-tunes where the technique trains (one recipe merge, one device
 policy), evaluates with one protocol, and stores a child run whose identity includes the parent's
-run key. Lock → reuse, or compute → save → reload → measure → finish → collect: `Context.apply`.
-A chain (`then: [...]`, `start: [...]` in params) is a list of links; each link is such a step,
+run key. The pieces, each small: chains from params (`link_settings`, `link`, `links`), the run
+identity (`identity`), save → reload → exact check → evaluate (`keep`), the baseline as the root of every
+chain (`root`), and `Context.apply`: lock → reuse, or make → keep → measure → finish. Finding the baseline
+lives in `baselines`, the device and evaluation protocol in `evaluation`. A chain (`then: [...]`, `start: [...]` in params) is a list of links; each link is such a step,
 its own run, reused when finished, and the model it makes is named by its lineage
 ("L1 structured, global, 60% of channels → INT8 (x86, 1024 calibration images)").
 
@@ -208,10 +210,78 @@ class Result:
         return list(dict.fromkeys(self.ctx.read))
 
 
+# ---------------------------------------------------------------- chains from params
+def link(kind: str, settings: dict[str, Any], p: dict[str, Any], seed: int | None = None) -> Link:
+    """A link of technique `kind` with these settings; the seed (else the stage's) belongs to it only if the
+    technique trains."""
+    tech = registry.get(kind)
+    settings = tech.normalize(dict(settings))
+    if tech.trains:
+        settings["seed"] = p["seed"] if seed is None else seed
+    return Link(kind, settings)
+
+
+def links(chain: list[dict[str, dict]], p: dict[str, Any], where: str = "then") -> list[list[Link]]:
+    """Concrete chains of links for a validated chain ([{kind: {settings given}}]) of a stage's params `p`: each
+    link's settings completed by `link_settings`, checked; a link with `seeds` gives one chain per seed. Refused
+    (ParamsError) before any work when a link cannot follow the one before."""
+    chains: list[list[Link]] = [[]]
+    for i, item in enumerate(chain):
+        (kind, given), = item.items()
+        tech = registry.get(kind)
+        here = f"'{where}[{i}]' ({kind})"
+        if not tech.is_step:
+            raise params_mod.ParamsError(f"{here}: {kind} is not a compression step")
+        if tech.terminal and i < len(chain) - 1:
+            raise params_mod.ParamsError(f"{here}: its model is not transformed further, so it must be the last "
+                                         f"step of the chain")
+        if tech.followed_by is not None and i < len(chain) - 1 and next(iter(chain[i + 1])) not in tech.followed_by:
+            raise params_mod.ParamsError(f"{here}: only {', '.join(tech.followed_by)} may follow it, not "
+                                         f"{next(iter(chain[i + 1]))}")
+        settings = link_settings(kind, given, p)
+        tech.check(here, settings)
+        seeds = given.get("seeds") or [given.get("seed", p["seed"])]
+        chains = [c + [link(kind, settings, p, s)] for c in chains for s in (seeds if tech.trains else [None])]
+    return chains
+
+
+def check_chains(variants: list[dict[str, Any]], p: dict[str, Any]) -> None:
+    """Refuse a bad `then` of any variant before any work (what `links` checks)."""
+    for i, v in enumerate(variants):
+        links(v["then"], p, f"variants[{i}].then")
+
+
+# ---------------------------------------------------------------- the run identity
+def identity(parent: Model, link: Link, baseline_key: str, p: dict[str, Any]) -> dict[str, Any]:
+    """What a step's run is keyed by: its parent run, the baseline it descends from, the link's settings, and the
+    evaluation settings."""
+    return {"parent": parent.ref, "baseline": baseline_key, "eval_batch_size": p["eval_batch_size"],
+            "device": p["device"], **link.settings}
+
+
+# ---------------------------------------------------------------- save → reload → check → measure
+def keep(tech: registry.Technique, made: Made, run: runs.Run, protocol: evaluation.Protocol) -> tuple[nn.Module, dict]:
+    """Save the model a technique made in its file, load it back, check that the file holds the model that was
+    made, and evaluate what was loaded (what is measured is what was saved): (the reloaded model, its accuracies
+    and losses with `reload_exact`, and its predicted class per image of each split, `predictions`)."""
+    made.model.to("cpu", memory_format=torch.contiguous_format).eval()
+    tech.save(made.model, run.path(tech.artifact), made.arch)
+    model = tech.load(run)
+    acc, logits = protocol.evaluate(model, tech.cpu_only)
+    # the same logits, bit for bit, on a batch of test images (on the CPU, in one memory layout: a layer that
+    # computes its weight on the fly, like BinaryConnect's α, rounds by layout; a batch, since half precision runs
+    # ~40 img/s in that layout on a CPU without fp16 arithmetic)
+    test = protocol.dataset.test
+    check = data_mod.Batches(data_mod.Split(test.images[:EXACT_CHECK], test.labels[:EXACT_CHECK]), EXACT_CHECK, "cpu")
+    exact = bool(torch.equal(train.predict(made.model, check), train.predict(model, check)))
+    return model, {**acc, "reload_exact": exact, "predictions": {split: t.argmax(1) for split, t in logits.items()}}
+
+
 # ---------------------------------------------------------------- the stage context
 class Context:
-    """What every step of a stage shares: its params, the baseline (looked up, never trained here), the run
-    store and the compute device."""
+    """What every step of a stage shares: its params, the baseline it starts from (looked up, never trained
+    here: `baselines.trained`), the run store, the evaluation protocol on the compute device
+    (`evaluation.Protocol`), and `read`, the record of every run read or made (the report's up-to-date check)."""
 
     def __init__(self, p: dict[str, Any], train_seed: int | None = None):
         self.p = p
@@ -220,10 +290,9 @@ class Context:
         self.store = runs.RunStore(p["run_root"])
         self.device = train.pick_device(p["device"])
         self.protocol = evaluation.Protocol(self.dataset, self.bp["eval_flip"], p["eval_batch_size"], self.device)
-        self.root = self._root()
-        self.read: list[str] = [self.root.ref]  # every run read or made, for the report's up-to-date check
+        self.root = root(self.base, self.bp["seed"])
         replicates = baseline_mod.replicate_runs(p["baseline"], p)
-        self.read += [f"{r.stage}/{r.key}" for r in replicates.values()]
+        self.read: list[str] = [self.root.ref] + [f"{r.stage}/{r.key}" for r in replicates.values()]
         # the baseline's test accuracy over its training seeds: the seed noise every Δ is read against
         self.seed_accs = [r.metrics["test_acc"] for r in replicates.values()] or [self.base.metrics["test_acc"]]
 
@@ -238,63 +307,13 @@ class Context:
         self.read.append(f"{result.run.stage}/{result.run.key}")
         return result.model
 
-    # -- the root of every chain
-    def _root(self) -> Model:
-        base = self.base
-        model = base.model.eval()
-        row = {"label": registry.get("baseline").describe({}), "link": "baseline (FP32)", "technique": "baseline",
-               "family": "baseline", "parent": None, "lineage": [], "links": 0, "seed": self.bp["seed"],
-               "baseline": base.run.key, "arch": models.arch_of(model), "pruned": False,
-               "test_acc": base.metrics["test_acc"], "val_acc": base.metrics.get("val_acc"),
-               "test_acc_before_finetune": None, "size_bytes": base.run.path("model.pt").stat().st_size,
-               "artifact": "model.pt", "train_time_s": base.metrics.get("train_time_s"), "run": str(base.run),
-               **measure(model, None, model)}
-        return Model(base.run, row, model, base.history)
-
-    # -- chains from params
-    def links(self, chain: list[dict[str, dict]], where: str = "then") -> list[list[Link]]:
-        """Concrete chains of links for a validated chain ([{kind: {settings given}}]): each link's settings
-        completed by `link_settings`, checked; a link with `seeds` gives one chain per seed. Refused
-        (ParamsError) before any work when a link cannot follow the one before."""
-        chains: list[list[Link]] = [[]]
-        for i, item in enumerate(chain):
-            (kind, given), = item.items()
-            tech = registry.get(kind)
-            here = f"'{where}[{i}]' ({kind})"
-            if not tech.is_step:
-                raise params_mod.ParamsError(f"{here}: {kind} is not a compression step")
-            if tech.terminal and i < len(chain) - 1:
-                raise params_mod.ParamsError(f"{here}: its model is not transformed further, so it must be the last "
-                                             f"step of the chain")
-            if tech.followed_by is not None and i < len(chain) - 1 and next(iter(chain[i + 1])) not in tech.followed_by:
-                raise params_mod.ParamsError(f"{here}: only {', '.join(tech.followed_by)} may follow it, not "
-                                             f"{next(iter(chain[i + 1]))}")
-            settings = link_settings(kind, given, self.p)
-            tech.check(here, settings)
-            seeds = given.get("seeds") or [given.get("seed", self.p["seed"])]
-            chains = [c + [self.link(kind, settings, s)] for c in chains for s in (seeds if tech.trains else [None])]
-        return chains
-
-    def link(self, kind: str, settings: dict[str, Any], seed: int | None = None) -> Link:
-        """A link of technique `kind` with these settings; the seed belongs to it only if the technique trains."""
-        tech = registry.get(kind)
-        settings = tech.normalize(dict(settings))
-        if tech.trains:
-            settings["seed"] = self.p["seed"] if seed is None else seed
-        return Link(kind, settings)
-
-    def chain(self, start: Model, links: list[Link]) -> list[Model]:
-        """Apply `links` in order from `start`; every model of the chain (each its own run)."""
+    def chain(self, start: Model, chain: list[Link]) -> list[Model]:
+        """Apply the links of `chain` in order from `start`; every model of the chain (each its own run)."""
         out = []
-        for link in links:
-            start = self.apply(start, link)
+        for one in chain:
+            start = self.apply(start, one)
             out.append(start)
         return out
-
-    def check_chains(self, variants: list[dict[str, Any]]) -> None:
-        """Refuse a bad `then` of any variant before any work (what `links` checks)."""
-        for i, v in enumerate(variants):
-            self.links(v["then"], f"variants[{i}].then")
 
     def sweep(self, result: "Result", kind: str, variants: list[dict[str, Any]], values: str,
               settings: Callable[[dict[str, Any], Any], dict[str, Any]]) -> None:
@@ -304,9 +323,9 @@ class Context:
         for v in variants:
             for value in v[values]:
                 for seed in v["seeds"] or [self.p["seed"]]:
-                    made = self.apply(self.root, self.link(kind, settings(v, value), seed))
+                    made = self.apply(self.root, link(kind, settings(v, value), self.p, seed))
                     result.add(made)
-                    for chain in self.links(v["then"]):
+                    for chain in links(v["then"], self.p):
                         result.add(*self.chain(made, chain))
 
     def cached(self, stage: str, identity: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -320,16 +339,9 @@ class Context:
             self.read.append(f"{run.stage}/{run.key}")
             return run.metrics
 
-    # -- the step
-    def identity(self, parent: Model, link: Link) -> dict[str, Any]:
-        """What a step's run is keyed by: its parent run, the baseline it descends from, the link's settings,
-        and the evaluation settings."""
-        return {"parent": parent.ref, "baseline": self.base.run.key, "eval_batch_size": self.p["eval_batch_size"],
-                "device": self.p["device"], **link.settings}
-
     def apply(self, parent: Model, link: Link) -> Model:
-        """The child run of `parent` for `link`: reused when finished, else computed now (under the run's lock,
-        so a second process waits and reuses it)."""
+        """The child run of `parent` for `link`: reused when finished, else made now (under the run's lock, so a
+        second process waits and reuses it)."""
         tech = registry.get(link.kind)
         before = registry.get(parent.row["technique"])
         if before.terminal or (before.followed_by is not None and link.kind not in before.followed_by):
@@ -338,51 +350,56 @@ class Context:
         if tech.trains:  # a recipe torch cannot schedule is refused before its run folder exists
             recipe = {**self.bp, **{k: link.settings[k] for k in params_mod.FINETUNE}}
             train.check_schedule(recipe, train.steps_per_epoch(recipe, len(self.dataset.train)))
-        run = self.store.run(link.kind, self.identity(parent, link))
+        run = self.store.run(link.kind, identity(parent, link, self.base.run.key, self.p))
         with run.lock():
             fresh = None
             if not (run.done and self.p["reuse"]):
-                fresh = self._compute(tech, parent, link, run)
-            row = run.metrics
+                fresh = self._make(tech, parent, link, run)
             model = fresh if fresh is not None else tech.load(run)
             self.read.append(f"{run.stage}/{run.key}")
-            return Model(run, row, model, run.read_json("history.json"))
+            return Model(run, run.metrics, model, run.read_json("history.json"))
 
-    def _compute(self, tech: registry.Technique, parent: Model, link: Link, run: runs.Run) -> nn.Module:
+    def _make(self, tech: registry.Technique, parent: Model, link: Link, run: runs.Run) -> nn.Module:
+        """Make the model (`tech.make`), keep it (`keep`), and finish its run with its row."""
         name = tech.describe(link.settings) + distilled(link.settings)
         label = name if parent.row["technique"] == "baseline" else f"{parent.name} → {name}"
         if self.p["progress"]:
             print(f"{label}: computing into {run}", flush=True)
         torch.manual_seed(link.settings.get("seed", self.p["seed"]))
         made = tech.make(Step(self, parent, link.settings, run))
-        made.model.to("cpu", memory_format=torch.contiguous_format).eval()
-        tech.save(made.model, run.path(tech.artifact), made.arch)
-        model = tech.load(run)  # what is measured is what was saved
-        acc, logits = self.protocol.evaluate(model, tech.cpu_only)
-        # the file holds the model that was made: the same logits, bit for bit, on a batch of test images (on the
-        # CPU, in one memory layout: a layer that computes its weight on the fly, like BinaryConnect's α, rounds by
-        # layout; a batch, since half precision runs ~40 img/s in that layout on a CPU without fp16 arithmetic)
-        test = self.dataset.test
-        check = data_mod.Batches(data_mod.Split(test.images[:EXACT_CHECK], test.labels[:EXACT_CHECK]), EXACT_CHECK, "cpu")
-        exact = bool(torch.equal(train.predict(made.model, check), train.predict(model, check)))
+        model, kept = keep(tech, made, run, self.protocol)
+        predictions = kept.pop("predictions")
         pruned = parent.row["pruned"] or tech.prunes
         row = {
             "label": label, "link": name, "technique": link.kind, "family": tech.family, "parent": parent.ref,
             "parent_label": parent.name, "lineage": parent.row["lineage"] + [link.kind], "links": parent.row["links"] + 1,
             "seed": link.settings.get("seed"), "baseline": self.base.run.key, "settings": link.settings,
-            "arch": made.arch, "artifact": tech.artifact, "pruned": pruned, **acc,
-            "test_acc_before_finetune": made.before, "reload_exact": exact,
+            "arch": made.arch, "artifact": tech.artifact, "pruned": pruned, **kept,
+            "test_acc_before_finetune": made.before,
             "size_bytes": run.path(tech.artifact).stat().st_size,
             **measure(model, self.root.model if pruned else None, self.root.model),
             "train_time_s": sum(r["train_time_s"] for r in made.history),
             "eval_device": str(self.protocol.device_for(tech.cpu_only)),
             "run": str(run), **made.extra}
         run.write_json("history.json", made.history)
-        run.save_predictions({split: t.argmax(1) for split, t in logits.items()})
+        run.save_predictions(predictions)
         run.finish(row)
         for f in run.dir.glob("checkpoint*.pt"):
             f.unlink()
         return model
+
+
+def root(base: baseline_mod.BaselineResult, seed: int) -> Model:
+    """The baseline's run as the root of every chain, its row measured by the rule of every model (`measure`)."""
+    model = base.model.eval()
+    row = {"label": registry.get("baseline").describe({}), "link": "baseline (FP32)", "technique": "baseline",
+           "family": "baseline", "parent": None, "lineage": [], "links": 0, "seed": seed,
+           "baseline": base.run.key, "arch": models.arch_of(model), "pruned": False,
+           "test_acc": base.metrics["test_acc"], "val_acc": base.metrics.get("val_acc"),
+           "test_acc_before_finetune": None, "size_bytes": base.run.path("model.pt").stat().st_size,
+           "artifact": "model.pt", "train_time_s": base.metrics.get("train_time_s"), "run": str(base.run),
+           **measure(model, None, model)}
+    return Model(base.run, row, model, base.history)
 
 
 def distilled(settings: dict[str, Any]) -> str:

@@ -156,7 +156,7 @@ def test_qat_is_a_step_of_03_and_a_link_of_any_chain_with_distillation(store):
     # the chain form in another stage's params: the same link, the same run
     chain = registry.check_chain("then", [{"qat": {"weight_bits": 4, "act_bits": 4, "epochs": 1,
                                                  "distill": {"alpha": 0.5, "temperature": 2.0}}}])
-    again = result.ctx.chain(start, result.ctx.links(chain)[0])
+    again = result.ctx.chain(start, steps.links(chain, result.ctx.p)[0])
     assert again[0].run.key == made.run.key
     # a teacher named by the params file of a finished baseline run: here the same baseline, so the same logits
     named, own = result.ctx.teacher("params/smoke.yaml"), result.ctx.teacher("baseline")

@@ -33,11 +33,11 @@ def run(p: dict[str, Any]) -> steps.Result:
     the store, reused when finished."""
     def one(ctx: steps.Context, first: bool) -> steps.Result:
         result = steps.Result(ctx, [ctx.root])
-        ctx.check_chains(p["variants"])
+        steps.check_chains(p["variants"], ctx.p)
         ctx.sweep(result, "svd", p["variants"], "ranks", lambda v, rank: link_settings(v, rank, ctx.p))
         for rank in p["scratch_ranks"]:
             top = {k: p[k] for k in params.SVD_VARIANT}
-            result.add(ctx.apply(ctx.root, ctx.link("svd", link_settings(top, rank, ctx.p, "scratch"))))
+            result.add(ctx.apply(ctx.root, steps.link("svd", link_settings(top, rank, ctx.p, "scratch"), ctx.p)))
         return result
 
     return steps.replicated(p, one)

@@ -71,7 +71,7 @@ def run(p: dict[str, Any]) -> steps.Result:
     its saved file before it is measured."""
     def one(ctx: steps.Context, first: bool) -> steps.Result:
         result = steps.Result(ctx, [ctx.root])
-        ctx.check_chains(p["variants"])
+        steps.check_chains(p["variants"], ctx.p)
         if first and p["sensitivity_amounts"]:
             result.extras["sensitivity"] = prune.analyse(ctx, ctx.root, p["sensitivity_amounts"])
         if first:

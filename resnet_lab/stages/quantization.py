@@ -23,7 +23,7 @@ def run(p: dict[str, Any]) -> steps.Result:
     finished), reloaded from its saved file before it is measured."""
     def one(ctx: steps.Context, first: bool) -> steps.Result:
         q = ctx.p
-        [start_links] = _one_chain(ctx, q)
+        [start_links] = _one_chain(q)
         chain = ctx.chain(ctx.root, start_links)
         start = chain[-1] if chain else ctx.root
         result = steps.Result(ctx, [start])
@@ -31,18 +31,18 @@ def run(p: dict[str, Any]) -> steps.Result:
             tech = registry.get(method)
             for variant in q.get(method) or [{}]:
                 for seed in (variant.get("seeds") or [q["seed"]]) if tech.trains else [None]:
-                    link = ctx.link(method, steps.link_settings(method, variant, q), seed)
+                    link = steps.link(method, steps.link_settings(method, variant, q), q, seed)
                     made = ctx.apply(start, link)
                     result.add(made)
                     for kind in tech.follow(link.settings):
-                        result.add(ctx.apply(made, ctx.link(kind, steps.link_settings(kind, {}, q))))
+                        result.add(ctx.apply(made, steps.link(kind, steps.link_settings(kind, {}, q), q)))
         return result
 
     return steps.replicated(p, one)
 
 
-def _one_chain(ctx: steps.Context, p: dict[str, Any]) -> list[list[steps.Link]]:
-    chains = ctx.links(p["start"], "start")
+def _one_chain(p: dict[str, Any]) -> list[list[steps.Link]]:
+    chains = steps.links(p["start"], p, "start")
     if len(chains) != 1:
         raise params.ParamsError(f"'start' must name one model, but its seeds make {len(chains)}; give one seed")
     return chains
