@@ -223,8 +223,9 @@ STAGE: dict[str, Field] = {
     "baseline": _f(str, "params/baseline.yaml", "params file of the 01_baseline run this stage starts from "
                    "(looked up in the run store; the data and model come from it)"),
     "baseline_seeds": Field(list, [], "replicate the stage's whole sweep from the baseline run of each of these "
-                            "training seeds (each one of the baseline's `seeds`), fine-tuning with that seed: the "
-                            "spread of every model over seeds; [] = from the baseline of `seed` only",
+                            "training seeds (each one of the baseline's `seeds`), fine-tuning with that seed: each "
+                            "recipe's replicates, which its verdict over seeds needs; [] = from the baseline of `seed` "
+                            "only (the recipe verdicts say \"needs replicates\")",
                             validator=check_seeds),
     "calibration_images": _f(int, 1024, "training images (not augmented) that calibrate the activation ranges of "
                              "every post-training quantized model this stage makes (a chain's links included)",

@@ -216,7 +216,8 @@ CROSS_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"svd": _check_svd, 
 
 # The baseline's replicates: the same recipe and data split, other training seeds (each its own run).
 BASELINE_SEEDS = Field(list, [], "training seeds of replicate baselines (the split stays that of `seed`; each its "
-                       "own run): the spread of the recipe over seeds, which every Δ of the summary is read against. "
+                       "own run): the spread of the recipe over seeds (reported: a compressed model's Δ is not read against it; a "
+                       "stage's `baseline_seeds` replicate its recipes on these baselines). "
                        "`seed` itself is always trained, and the stages start from it", validator=check_seeds)
 
 # ---------------------------------------------------------------- every stage's schema, with its defaults

@@ -4,9 +4,11 @@
 - `Row`: one model as the tables read it (typed fields; rows are selected by these, never by display text).
 - `names`: one naming rule (a model's name is its lineage; a seed or a run key only where two would collide).
 - `recipe_key`: what a model is apart from its seed (models sharing it are one recipe on several seeds).
-- `judge`: each model's Δ against the baseline of its own training seed, its 95% interval, the paired test
-  (McNemar's exact test, Benjamini–Hochberg over the table) and the verdict; `noise`: what it was read against.
-- `seeds_table`: each recipe trained on two or more seeds, over its seeds.
+- `judge`: each model's Δ against the baseline it was made from, its 95% interval, and two verdicts (`stats`):
+  **these images** (McNemar's exact test against that baseline, Benjamini–Hochberg over the table) and **the
+  recipe, over seeds** (the Δs of the recipe's replicates, each against its own baseline, read against the Δ
+  spread pooled over the table's recipes; BH over the recipes); `noise`: both in words.
+- `seeds_table`: each recipe made on two or more seeds, over its seeds.
 """
 from __future__ import annotations
 
@@ -21,7 +23,10 @@ from . import config, runs, stats
 if TYPE_CHECKING:
     import pandas as pd
 
-VERDICT = "vs baseline"
+IMAGES = "vs baseline, these images"  # the paired test of this model against its own baseline
+RECIPE = "recipe vs baseline, over seeds"  # the recipe's Δ over its replicates
+VERDICT = "verdict"  # the stronger of the two the data supports (the recipe's, where it was replicated)
+BASIS = "verdict from"
 # a step run's params that say where and with which seed it ran, not what recipe it is
 NOT_RECIPE = ("seed", "parent", "baseline", "device", "eval_batch_size")
 
@@ -44,18 +49,47 @@ class Row:
 
 
 @dataclass
+class Recipe:
+    """One recipe over its replicates: the models, their Δs (each against its own baseline), the t-test against the
+    pooled Δ spread (adjusted over the table's recipes) and its verdict."""
+    members: list[str]
+    accs: list[float]
+    deltas: list[float]
+    p: float  # nan below two replicates
+    verdict: str
+
+    @property
+    def n(self) -> int:
+        return len(self.deltas)
+
+
+@dataclass
 class Judged:
-    delta: float  # test accuracy minus that of the baseline of its own seed (pt)
+    delta: float  # test accuracy minus that of the baseline it was made from (pt)
     interval: tuple[float, float] | None  # 95% Wilson interval of its test accuracy (%)
     p: float | None  # paired test against that baseline, adjusted over the table (nan: a reference)
-    verdict: str | None
+    images: str | None  # the verdict of that test (a baseline: "reference" or its seed)
+    recipe: Recipe | None = None  # its recipe over seeds (None: a baseline, or a model not made from a seed's baseline)
+
+    @property
+    def verdict(self) -> str | None:
+        """The stronger verdict the data supports: the recipe's where it was replicated, else these images'."""
+        return self.recipe.verdict if self.recipe and self.recipe.n >= 2 else self.images
+
+    @property
+    def basis(self) -> str | None:
+        """Where `verdict` comes from, in words."""
+        if self.recipe and self.recipe.n >= 2:
+            return f"recipe over {self.recipe.n} seeds"
+        return "these test images" if self.images in (stats.BETTER, stats.WORSE, stats.SAME) else None
 
 
 @dataclass
 class Verdicts:
     rows: dict[str, Judged]
     spread: stats.Spread  # the reference baseline's test accuracy over its training seeds
-    band: float  # how far one model's Δ moves by the seed alone (95%; nan: one seed, not measured)
+    sd: float  # the Δ spread pooled over the replicated recipes (pt; nan: none replicated)
+    df: int  # its degrees of freedom
 
     def __getitem__(self, name: str) -> Judged:
         return self.rows[name]
@@ -110,14 +144,13 @@ def without_seed(baseline_params: dict) -> dict:
 
 
 def judge(rows: list[Row], baselines: list[Row], seed_accs: list[float] | None = None) -> Verdicts:
-    """Every row's Δ, interval and verdict. `baselines`: the reference baseline first, then its replicates (other
-    training seeds) — a model is judged against the one it descends from (the reference when it is not among
-    them), paired image by image; a baseline of the reference's seeds is a reference itself. The seed band comes
-    from `seed_accs` (the reference recipe's test accuracies over its seeds; default: the `baselines`')."""
+    """Every row's Δ, interval and both verdicts. `baselines`: the reference baseline first, then its replicates
+    (other training seeds) — a model is judged against the one it descends from (the reference when it is not
+    among them), paired image by image; a baseline of the reference's seeds is a reference itself. Models sharing
+    a recipe key and made from the seeds' baselines are one recipe's replicates. `seed_accs`: the reference
+    recipe's test accuracies over its seeds (default: the `baselines`'), reported, never a verdict's noise."""
     reference = baselines[0]
     seeds = {b.origin: b for b in baselines}
-    spread = stats.spread(seed_accs or [b.test_acc for b in baselines])
-    band = stats.seed_band(spread)
 
     def against(row: Row) -> Row | None:
         return None if row.is_seed_baseline and row.origin in seeds else seeds.get(row.origin, reference)
@@ -125,62 +158,87 @@ def judge(rows: list[Row], baselines: list[Row], seed_accs: list[float] | None =
     judged = [r for r in rows if against(r) is not None and r.correct is not None and against(r).correct is not None]
     tests = dict(zip((r.name for r in judged),
                      stats.verdicts([stats.mcnemar(r.correct, against(r).correct) for r in judged])))
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        if against(r) is not None and r.replicate is not None:
+            groups.setdefault(r.recipe, []).append(r)
+    delta = {r.name: r.test_acc - (against(r) or reference).test_acc for r in rows}
+    sd, df = stats.pooled_sd([[delta[m.name] for m in g] for g in groups.values()])
+    ps = {k: stats.recipe_p([delta[m.name] for m in g], sd, df) for k, g in groups.items()}
+    tested = [k for k, p in ps.items() if not np.isnan(p)]
+    ps |= dict(zip(tested, stats.adjusted([ps[k] for k in tested])))
+    recipes = {}
+    for k, g in groups.items():
+        ds = [delta[m.name] for m in g]
+        verdict = stats.signed(ps[k], float(np.mean(ds))) if k in tested else stats.NEEDS
+        recipes[k] = Recipe([m.name for m in g], [m.test_acc for m in g], ds, ps[k], verdict)
     out = {}
     for r in rows:
-        ref = against(r)
-        delta = r.test_acc - (ref or reference).test_acc
         interval = stats.interval(r.correct) if r.correct is not None else None
-        if ref is None:
-            p, verdict = float("nan"), "reference" if r.origin == reference.origin else f"seed {r.replicate}"
-        elif r.name in tests:
-            p, test_verdict = tests[r.name]
-            verdict = stats.overall(test_verdict, delta, band)
+        if against(r) is None:
+            p, images = float("nan"), "reference" if r.origin == reference.origin else f"seed {r.replicate}"
         else:
-            p, verdict = None, None
-        out[r.name] = Judged(delta, interval, p, verdict)
-    return Verdicts(out, spread, band)
+            p, images = tests.get(r.name, (None, None))
+        out[r.name] = Judged(delta[r.name], interval, p, images, recipes.get(r.recipe) if against(r) else None)
+    return Verdicts(out, stats.spread(seed_accs or [b.test_acc for b in baselines]), sd, df)
 
 
 def noise(v: Verdicts) -> str:
-    """What the verdicts were read against, in a sentence."""
+    """What the verdicts mean and what they were read against, in sentences."""
     s = v.spread
-    test = ("Δ: against the baseline of the model's own training seed. Verdicts: McNemar's exact test on the test "
-            "images where the model and its baseline disagree, Benjamini–Hochberg over the table, 5%")
-    if s.n < 2:
-        return (test + "; the baseline was trained on one seed here, so the seed noise is not measured and the "
-                "verdicts cover the test sample only (add `seeds` to the baseline's params to measure it).")
-    return (test + f"; and only when |Δ| exceeds the seed band: the baseline over {s.n} training seeds scored "
-            f"{s.mean:.2f} ± {s.sd:.2f}% (sd), so a single model's Δ moves by up to ±{v.band:.2f} pt (95%) by the "
-            "seed alone.")
+    text = ("Two verdicts per model. **These images**: the model against the baseline it was made from, on these "
+            "test images (McNemar's exact test on the images where the two disagree, Benjamini–Hochberg over the "
+            "table, 5%); it says nothing about another training run of the same recipe. **Recipe, over seeds**: the "
+            "recipe applied to the baseline of each training seed, each Δ against its own baseline, its mean tested "
+            "against the spread of a Δ between replicates")
+    if v.df:
+        text += (f" (pooled over the table's replicated recipes: sd {v.sd:.2f} pt on {v.df} degrees of freedom; "
+                 "t-test, Benjamini–Hochberg over the recipes, 5%).")
+    else:
+        text += ("; no recipe here was made on two seeds, so it says \"needs replicates\" (give the stage "
+                 "`baseline_seeds`, as `make report PROFILE=seeds` does).")
+    if s.n >= 2:
+        text += (f" The baseline itself scored {s.mean:.2f} ± {s.sd:.2f}% (sd) over {s.n} training seeds: that "
+                 "absolute spread is not the noise of a Δ, since a compressed model inherits its parent's luck.")
+    return text + " The verdict column holds the recipe's verdict where it was replicated, else these images'."
 
 
-def seeds_table(rows: list[Row], baselines: list[Row], fields: Callable[[Row], dict] = lambda r: {}) -> pd.DataFrame:
-    """One row per recipe with two or more seeds among `rows` (the baseline's replicates, and each model made from
-    them), named by its model of the reference seed: mean ± sd over the seeds, the Δs against the baseline of each
-    seed, their t-test, the pooled paired test, both adjusted over the table (Benjamini–Hochberg), and the verdict
-    both support. `fields`: columns of the first member to show beside. Empty when nothing has two seeds."""
+def resolution(v: Verdicts, replicates: tuple[int, ...] = (2, 3, 4, 6, 8)) -> pd.DataFrame:
+    """How many replicates a resolution costs: for each number of seeds, the smallest mean Δ the recipe test can call
+    with the Δ spread measured here (its degrees of freedom as measured; more recipes on more seeds add more).
+    Empty when no recipe was replicated."""
     import pandas as pd
 
-    seeds = {b.origin: b for b in baselines}
-    groups: dict[str, list[Row]] = {}
+    if not v.df:
+        return pd.DataFrame()
+    return pd.DataFrame({"seeds per recipe": replicates,
+                         "smallest mean Δ called (pt)": [stats.resolution(v.sd, v.df, n) for n in replicates]}
+                        ).set_index("seeds per recipe")
+
+
+def seeds_table(rows: list[Row], verdicts: Verdicts, fields: Callable[[Row], dict] = lambda r: {}) -> pd.DataFrame:
+    """One row per recipe made on two or more seeds (the baseline's replicates, and each recipe made from them),
+    named by its first model: mean ± sd of its test accuracy over the seeds, of its Δ (each against its own
+    baseline), the recipe's p (pooled Δ spread, adjusted) and verdict. `fields`: columns of the first member to show
+    beside. Empty when nothing has two seeds."""
+    import pandas as pd
+
+    by_name = {r.name: r for r in rows}
+    out, seen = [], set()
+    base = [r for r in rows if r.is_seed_baseline]
+    if len(base) >= 2:
+        a = stats.spread([r.test_acc for r in base])
+        out.append({"model": base[0].name, "group": base[0].group, "technique": base[0].technique, **fields(base[0]),
+                    "seeds": ", ".join(str(r.replicate) for r in base), "n": a.n, "test mean ± sd (%)": a.text()})
     for r in rows:
-        if r.replicate is not None:
-            groups.setdefault(r.recipe, []).append(r)
-    out = []
-    for members in groups.values():
-        if len(members) < 2:
+        rec = verdicts[r.name].recipe
+        if rec is None or rec.n < 2 or id(rec) in seen:
             continue
-        members = sorted(members, key=lambda m: (m.replicate != baselines[0].replicate, m.replicate))
-        first = members[0]
-        row = {"model": first.name, "group": first.group, "technique": first.technique, **fields(first),
-               "seeds": ", ".join(str(m.replicate) for m in members)}
-        if first.technique == "baseline":
-            a = stats.spread([m.test_acc for m in members])
-            row |= {"n": a.n, "test mean ± sd (%)": a.text(), "test mean (%)": a.mean, "test sd (pt)": a.sd}
-        else:
-            bases = [seeds[m.origin] for m in members]
-            row |= stats.over_seeds([m.test_acc for m in members], [m.test_acc - b.test_acc for m, b in zip(members, bases)],
-                                    [stats.mcnemar(m.correct, b.correct) for m, b in zip(members, bases)])
-        out.append(row)
-    stats.adjust_over_seeds(out, VERDICT)
+        seen.add(id(rec))
+        members = [by_name[m] for m in rec.members]
+        a, d = stats.spread(rec.accs), stats.spread(rec.deltas)
+        out.append({"model": members[0].name, "group": members[0].group, "technique": members[0].technique,
+                    **fields(members[0]), "seeds": ", ".join(str(m.replicate) for m in members), "n": rec.n,
+                    "test mean ± sd (%)": a.text(), "Δ mean ± sd (pt)": d.text(), "Δ mean (pt)": d.mean,
+                    "p (recipe, pooled Δ spread, BH)": rec.p, RECIPE: rec.verdict})
     return pd.DataFrame(out).set_index("model") if out else pd.DataFrame()

@@ -12,15 +12,19 @@ information. Here:
   of a table adjusted together (Benjamini-Hochberg, scipy's `false_discovery_control`), so that a table of twenty
   comparisons does not name a winner by chance.
 
-The test set is one source of noise; the training seed is the other (another seed, or another CPU's rounding,
-gives another trajectory). With the baseline trained on several seeds:
+Two questions hide behind "is this model worse?", and the lab answers both:
 
-- `spread`: mean, standard deviation and the 95% t-interval of the mean of one model's accuracies over seeds;
-- `seed_band`: how far a model's Δ against the baseline moves by seed noise alone (95%), from the baseline's
-  spread over its seeds, assuming a compressed model varies over seeds as much as the baseline does;
-- `seed_test`: with the model itself trained on ≥ 2 seeds, each paired with the baseline of its own seed, the
-  one-sample t-test of those Δs;
-- `overall`: a difference is "better" or "worse" only when the test-set test *and* the seed noise both say so.
+- **this model, on these images**: the model against the baseline it was made from, paired image by image
+  (`mcnemar`, adjusted over the table). It says nothing about another training run of the same recipe.
+- **this recipe, over training seeds**: the recipe applied to several baselines (one per training seed) and/or
+  fine-tuned with several seeds; each replicate's Δ is taken against its own parent baseline, so the baseline's
+  seed luck cancels and what is left is the spread of the Δ itself. `pooled_sd` pools that spread over the
+  recipes of a table (a randomized block design: the baseline seed is the block, the residual variance is
+  shared, so two replicates per recipe already give many degrees of freedom); `recipe_p` is the t-test of one
+  recipe's mean Δ against that pooled spread. A recipe with one replicate gets no verdict ("needs replicates"):
+  never one borrowed from the baseline's absolute spread over seeds, which is far wider than the spread of a Δ
+  (a child inherits its parent's luck).
+- `spread`: mean, standard deviation and the 95% t-interval of the mean of values over seeds.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from scipy import stats as sp
 LEVEL = 0.95
 ALPHA = 0.05
 BETTER, WORSE, SAME = "better", "worse", "no detectable difference"
+NEEDS = "needs replicates"  # a recipe made once: its spread over seeds is not measured
 
 
 def wilson(correct: int, n: int, level: float = LEVEL) -> tuple[float, float]:
@@ -78,15 +83,6 @@ def mcnemar(right_a: np.ndarray, right_b: np.ndarray) -> Paired:
     n = len(right_a)
     return Paired(100 * right_a.mean() if n else float("nan"), 100 * right_b.mean() if n else float("nan"),
                   a_only, b_only, float(min(p, 1.0)))
-
-
-def pooled(pairs: list[Paired]) -> Paired:
-    """The paired comparisons of one model against its baseline over several seeds pooled: accuracies averaged,
-    discordant images summed, McNemar's exact test on the sums."""
-    a, b = sum(pr.a_only for pr in pairs), sum(pr.b_only for pr in pairs)
-    p = sp.binomtest(a, a + b, 0.5).pvalue if a + b else 1.0
-    return Paired(float(np.mean([pr.acc_a for pr in pairs])), float(np.mean([pr.acc_b for pr in pairs])), a, b,
-                  float(min(p, 1.0)))
 
 
 def adjusted(p_values: list[float]) -> list[float]:
@@ -154,64 +150,42 @@ def spread(values: list[float] | np.ndarray, level: float = LEVEL) -> Spread:
     return Spread(int(v.size), mean, sd, mean - half, mean + half)
 
 
-def seed_band(baseline: Spread, n: int = 1, level: float = LEVEL) -> float:
-    """Half-width (pt) of the band within which the mean over `n` seeds of a model's Δ against the baseline (each
-    Δ against a baseline of another seed, or of the same seed's replicate) falls by seed noise alone, at `level`:
-    t(k−1) · sd · √(2/n), with `baseline` the spread of the baseline over its k seeds (the model assumed to vary
-    over seeds like the baseline). nan when the baseline has fewer than 2 seeds (the spread is not measured)."""
-    if baseline.n < 2:
-        return float("nan")
-    return float(sp.t.ppf(0.5 + level / 2, baseline.n - 1)) * baseline.sd * float(np.sqrt(2 / n))
+def pooled_sd(groups: list[list[float]] | list[np.ndarray]) -> tuple[float, int]:
+    """The standard deviation of a Δ pooled over recipes (each recipe's Δs about their own mean; the recipes with one
+    replicate add nothing) and its degrees of freedom, Σ(n − 1): (nan, 0) when no recipe has two replicates."""
+    sq, df = 0.0, 0
+    for g in groups:
+        d = np.asarray(g, float)
+        if d.size >= 2:
+            sq += float(((d - d.mean()) ** 2).sum())
+            df += d.size - 1
+    return (float(np.sqrt(sq / df)), df) if df else (float("nan"), 0)
 
 
-def seed_test(deltas: list[float] | np.ndarray) -> float:
-    """Two-sided p-value of the one-sample t-test that a model's Δs over seeds (each against the baseline of its
-    own seed) have mean 0; nan below 2 seeds, 1 when every Δ is 0."""
+def recipe_p(deltas: list[float] | np.ndarray, sd: float, df: int) -> float:
+    """Two-sided p-value of the t-test that a recipe's mean Δ over its replicates is 0, with the pooled `sd` on
+    `df` degrees of freedom (`pooled_sd`): t = mean / (sd / √n). nan below 2 replicates or without a pooled sd;
+    with sd = 0 (every Δ exactly repeated): 1 for a mean of 0, else 0."""
     d = np.asarray(deltas, float)
-    if d.size < 2:
+    if d.size < 2 or df < 1 or np.isnan(sd):
         return float("nan")
-    if np.allclose(d, d[0]):
-        return 1.0 if d[0] == 0 else 0.0
-    return float(sp.ttest_1samp(d, 0.0).pvalue)
+    mean = float(d.mean())
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    return float(2 * sp.t.sf(abs(mean) / (sd / np.sqrt(d.size)), df))
 
 
-def overall(test_verdict: str, delta: float, band: float = float("nan"), seed_p: float = float("nan"),
-            alpha: float = ALPHA) -> str:
-    """The verdict of a Δ read against both sources of noise: the test-set verdict (paired test) stands only if
-    the seeds agree: with the model on ≥ 2 seeds, their t-test (`seed_p`) is below `alpha`; else, with the
-    baseline's spread measured, |Δ| exceeds the seed band. Neither measured: the test-set verdict alone."""
-    if test_verdict not in (BETTER, WORSE):
-        return test_verdict
-    if not np.isnan(seed_p):
-        return test_verdict if seed_p < alpha else SAME
-    if not np.isnan(band):
-        return test_verdict if abs(delta) > band else SAME
-    return test_verdict
+def resolution(sd: float, df: int, n: int, alpha: float = ALPHA) -> float:
+    """The smallest mean Δ (pt) a recipe on `n` replicates can be told apart from 0 with (before adjustment), with
+    the pooled `sd` on `df` degrees of freedom: t(df) · sd / √n; nan without a pooled sd."""
+    if df < 1 or np.isnan(sd):
+        return float("nan")
+    return float(sp.t.ppf(1 - alpha / 2, df) * sd / np.sqrt(n))
 
 
-def over_seeds(accs: list[float], deltas: list[float], pairs: list[Paired]) -> dict[str, object]:
-    """One recipe over its seeds: its test accuracies, its Δs (each against the baseline of its own seed) and
-    those paired comparisons: the figures of a row of a seeds table (p-values raw; `adjust_over_seeds` adjusts a
-    table's and gives each row its verdict)."""
-    a, d = spread(accs), spread(deltas)
-    pooled_pair = pooled(pairs)
-    return {"n": a.n, "test mean ± sd (%)": a.text(), "test mean (%)": a.mean, "test sd (pt)": a.sd,
-            "Δ mean ± sd (pt)": d.text(), "Δ mean (pt)": d.mean, "Δ sd (pt)": d.sd,
-            "Δ 95% interval (pt)": interval_text(d.low, d.high), "p (seeds, t-test)": seed_test(deltas),
-            "p (pooled test images)": pooled_pair.p, "_pooled": pooled_pair}
-
-
-def adjust_over_seeds(rows: list[dict], verdict_key: str, alpha: float = ALPHA) -> None:
-    """The rows of one seeds table (from `over_seeds`; a row without a Δ, the baseline's, is left alone): both
-    p-value columns adjusted over the table (Benjamini–Hochberg), and each row's verdict: "better" / "worse" only
-    when the pooled paired test and the seeds' t-test both fall below `alpha`."""
-    judged = [r for r in rows if "_pooled" in r]
-    for col in ("p (seeds, t-test)", "p (pooled test images)"):
-        ps = [r[col] for r in judged]
-        finite = [i for i, p in enumerate(ps) if not np.isnan(p)]
-        for i, q in zip(finite, adjusted([ps[i] for i in finite])):
-            judged[i][col] = q
-    for r in judged:
-        pair = r.pop("_pooled")
-        r[verdict_key] = overall(verdict(pair, r["p (pooled test images)"], alpha), r["Δ mean (pt)"],
-                                 seed_p=r["p (seeds, t-test)"], alpha=alpha)
+def signed(p: float, delta: float, alpha: float = ALPHA) -> str:
+    """"better" / "worse" by the sign of `delta` when the (adjusted) p-value is below `alpha`, else "no detectable
+    difference"."""
+    if np.isnan(p) or p >= alpha or delta == 0:
+        return SAME
+    return BETTER if delta > 0 else WORSE

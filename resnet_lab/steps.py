@@ -38,7 +38,8 @@ DELTA = "Δ vs baseline (pt)"
 DELTA_PARENT = "Δ vs parent (pt)"
 ACC_CI = "test 95% interval (%)"
 P_BASELINE = "p vs baseline (paired, BH)"
-VERDICT = results.VERDICT
+IMAGES, RECIPE, VERDICT, BASIS = results.IMAGES, results.RECIPE, results.VERDICT, results.BASIS
+P_RECIPE = "p recipe (pooled Δ spread, BH)"
 BEFORE = "test acc. before fine-tuning (%)"
 BITS = "bits (weights / activations)"
 SPARSITY = "weight sparsity (%)"
@@ -193,7 +194,7 @@ class Result:
 
     def seeds_table(self) -> pd.DataFrame:
         """Each recipe of this result trained on two or more seeds, over its seeds (`results.seeds_table`)."""
-        return results.seeds_table(self.result_rows(), self.baseline_rows())
+        return results.seeds_table(self.result_rows(), self.verdicts())
 
     def inference_models(self) -> dict[str, nn.Module]:
         return dict(zip(self.names(), (m.model for m in self.models)))
@@ -467,12 +468,26 @@ def table(result: Result, speed: dict[str, dict] | None = None) -> pd.DataFrame:
                MAC_REDUCTION: mac_reduction, SIZE: r["size_bytes"] / 1e3, SIZE_RATIO: r["size_bytes"] / base["size_bytes"],
                BEFORE: r["test_acc_before_finetune"], ACC: r["test_acc"], VAL: r["val_acc"], DELTA: j.delta,
                DELTA_PARENT: r["test_acc"] - parent["test_acc"] if parent else None,
-               ACC_CI: stats.interval_text(*j.interval) if j.interval else None, P_BASELINE: j.p, VERDICT: j.verdict}
+               ACC_CI: stats.interval_text(*j.interval) if j.interval else None, P_BASELINE: j.p, IMAGES: j.images,
+               P_RECIPE: j.recipe.p if j.recipe else None, RECIPE: j.recipe.verdict if j.recipe else None,
+               VERDICT: j.verdict, BASIS: j.basis}
         if speed:
             row |= metrics.speed_columns(speed, name, names[0], mac_reduction)
         row |= {COURSE: r["score"], MICRONET: r["micronet_score"], TRAIN_TIME: r.get("train_time_s")}
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")
+
+
+def said(r: "pd.Series", digits: int = 2) -> str:
+    """A model's Δ against its baseline with the verdict it rests on, for a headline: "-5.51 pt, worse (recipe over
+    2 seeds)"."""
+    basis = r.get(BASIS)
+    return f"{r[DELTA]:+.{digits}f} pt" + (f", {r[VERDICT]} ({basis})" if isinstance(basis, str) else "")
+
+
+def not_worse(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows no verdict calls worse than their baseline."""
+    return df[df[VERDICT] != stats.WORSE] if VERDICT in df else df
 
 
 THROUGHPUT = "CPU throughput"  # stands for the throughput column (its name carries the batch size) in `shown`

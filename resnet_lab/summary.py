@@ -23,6 +23,7 @@ from . import baselines, export, layer_times, metrics, params, registry, results
 IN_TABLE = "in the table"
 ACC, VAL, DELTA, SIZE, MACS = steps.ACC, steps.VAL, steps.DELTA, steps.SIZE, steps.MACS
 ACC_CI, P_BASELINE, VERDICT = steps.ACC_CI, steps.P_BASELINE, steps.VERDICT
+IMAGES, RECIPE, P_RECIPE, BASIS = steps.IMAGES, steps.RECIPE, steps.P_RECIPE, steps.BASIS
 GROUPS = params.GROUPS
 # a recomputed accuracy may differ from the stored one by float rounding on another device, not by more
 ACC_TOLERANCE = 0.25
@@ -108,7 +109,9 @@ def _judge(out: Summary) -> None:
     for row in out.rows:
         j = out.verdicts[row["model"]]
         out.intervals[row["model"]] = j.interval
-        row[DELTA], row[ACC_CI], row[P_BASELINE], row[VERDICT] = j.delta, stats.interval_text(*j.interval), j.p, j.verdict
+        row |= {DELTA: j.delta, ACC_CI: stats.interval_text(*j.interval), P_BASELINE: j.p, IMAGES: j.images,
+                P_RECIPE: j.recipe.p if j.recipe else None, RECIPE: j.recipe.verdict if j.recipe else None,
+                VERDICT: j.verdict, BASIS: j.basis}
 
 
 class _Reader:
@@ -236,7 +239,8 @@ def _recipe(settings: dict) -> str:
 def table(s: Summary) -> pd.DataFrame:
     """The side-by-side table: one row per model (its name is its lineage), grouped by technique family, the
     models of two or more steps last; `group`, `technique`, `links` and `parent` are fields to select by."""
-    cols = ["group", "technique", "links", "parent", "recipe", ACC, ACC_CI, VAL, DELTA, P_BASELINE, VERDICT, "parameters", "nonzero parameters", MACS,
+    cols = ["group", "technique", "links", "parent", "recipe", ACC, ACC_CI, VAL, DELTA, P_BASELINE, IMAGES, P_RECIPE,
+            RECIPE, VERDICT, BASIS, "parameters", "nonzero parameters", MACS,
             SIZE, s.latency_col, s.throughput_col]
     cols += [s.ort_latency_col, s.ort_throughput_col, AGREEMENT, "ONNX file (KB)"] if s.ort_latency_col else []
     cols += ["course score", "MicroNet score"]
@@ -331,7 +335,7 @@ def criteria(s: Summary) -> dict[str, tuple[str, bool]]:
 
 def competing(df: pd.DataFrame, max_drop: float) -> pd.DataFrame:
     """The models that compete on cost: at most `max_drop` points below their baseline, and not found worse by the
-    statistics (the `vs baseline` verdict, read against the test sample and the seed noise)."""
+    statistics (the `verdict` column: the recipe's over seeds where it was replicated, else these images')."""
     ok = df[DELTA] >= -max_drop
     if VERDICT in df:
         ok &= df[VERDICT] != stats.WORSE
@@ -354,7 +358,8 @@ def best(s: Summary, df: pd.DataFrame, max_drop: float) -> pd.DataFrame:
             else:
                 winner = pool[col].idxmax() if higher else pool[col].idxmin()
             row |= {(group, "model"): winner, (group, "value"): pool.loc[winner, col] if winner in pool.index else df.loc[winner, col],
-                    (group, ACC): df.loc[winner, ACC], (group, VERDICT): df.loc[winner, VERDICT] if VERDICT in df else ""}
+                    (group, ACC): df.loc[winner, ACC], (group, VERDICT): df.loc[winner, VERDICT] if VERDICT in df else "",
+                    (group, BASIS): df.loc[winner, BASIS] if BASIS in df else ""}
         rows[f"{name} ({col.split('(', 1)[1].rstrip(')')})" if "(" in col else name] = row
     out = pd.DataFrame.from_dict(rows, orient="index")
     out.columns = pd.MultiIndex.from_tuples(out.columns)
@@ -369,7 +374,8 @@ def most_accurate(df: pd.DataFrame) -> str:
     top = df.iloc[1:][ACC].idxmax() if len(df) > 1 else None
     if len(better):
         win = better[ACC].idxmax()
-        return f"{len(better)} model(s) are more accurate than the baseline beyond the noise; the most accurate: {win} ({better.loc[win, DELTA]:+.2f} pt)"
+        return (f"{len(better)} model(s) are more accurate than their baseline; the most accurate: {win} "
+                f"({better.loc[win, DELTA]:+.2f} pt, {_verdict(better, win)})")
     if top is None:
         return "no other model"
     return (f"no model is detectably more accurate than the baseline (the highest point estimate, {top} at "
@@ -402,7 +408,7 @@ def _best_of(pool: pd.DataFrame, col: str, fmt: str, ref: float, word: str, high
         return "none"
     name = pool[col].idxmax() if higher else pool[col].idxmin()
     ratio = pool.loc[name, col] / ref if higher else ref / pool.loc[name, col]
-    verdict = f", {pool.loc[name, VERDICT]}" if VERDICT in pool else ""
+    verdict = f", {_verdict(pool, name)}" if VERDICT in pool else ""
     return f"{name}: {fmt.format(pool.loc[name, col])} ({ratio:.2f}× {word}, {pool.loc[name, DELTA]:+.2f} pt{verdict})"
 
 
@@ -501,10 +507,10 @@ def engines(s: Summary, df: pd.DataFrame, max_drop: float) -> str:
             f"({ref[s.ort_throughput_col] / ref[s.throughput_col]:.1f}×). Engine and compression together, among the "
             f"models at most {max_drop:g} pt below their baseline and not found worse: **{fast}** answers in "
             f"{pool.loc[fast, s.ort_latency_col]:.2f} ms in ONNX Runtime, **{ref[s.latency_col] / pool.loc[fast, s.ort_latency_col]:.1f}× "
-            f"faster than the eager PyTorch baseline** ({pool.loc[fast, DELTA]:+.2f} pt, {pool.loc[fast, VERDICT]}); "
+            f"faster than the eager PyTorch baseline** ({pool.loc[fast, DELTA]:+.2f} pt, {_verdict(pool, fast)}); "
             f"**{many}** runs batch {thr} at {pool.loc[many, s.ort_throughput_col]:,.0f} img/s, "
             f"**{pool.loc[many, s.ort_throughput_col] / ref[s.throughput_col]:.1f}× the eager PyTorch baseline** "
-            f"({pool.loc[many, DELTA]:+.2f} pt, {pool.loc[many, VERDICT]}).")
+            f"({pool.loc[many, DELTA]:+.2f} pt, {_verdict(pool, many)}).")
 
 
 # ---------------------------------------------------------------- where the time goes
@@ -585,23 +591,38 @@ def why(s: Summary, df: pd.DataFrame) -> str:
 
 def seeds_table(s: Summary) -> pd.DataFrame:
     """Each recipe with two or more seeds in the store, over its seeds (`results.seeds_table`)."""
-    rows = _rows(s)
-    return results.seeds_table(rows, _baselines(rows))
+    return results.seeds_table(_rows(s), s.verdicts)
 
 
 def headline(s: Summary, df: pd.DataFrame, max_drop: float) -> str:
     close = competing(df, max_drop)
     small, score = close[SIZE].idxmin(), close["course score"].idxmin()
     bad = unusable(s)
-    worse = int((df[VERDICT] == stats.WORSE).sum()) if VERDICT in df else 0
+    worse = _worse(df)
     b = s.verdicts.spread
     spread = f" ({b.mean:.1f} ± {b.sd:.1f}% over {b.n} training seeds)" if b.n > 1 else " (one seed)"
     return (f"{len(df)} models re-measured side by side; baseline {df.iloc[0][ACC]:.1f}%{spread}. Within {max_drop:g} pt "
             f"and not found worse: smallest {small} ({df.loc[small, SIZE]:,.0f} KB, "
             f"{df.iloc[0][SIZE] / df.loc[small, SIZE]:.1f}× smaller, {df.loc[small, DELTA]:+.2f} pt: "
-            f"{df.loc[small, VERDICT] if VERDICT in df else 'not judged'}), lowest course score {score} "
-            f"({df.loc[score, 'course score']:.3f}); {worse} model(s) worse beyond the noise; {most_accurate(df)}"
+            f"{_verdict(df, small) if VERDICT in df else 'not judged'}), lowest course score {score} "
+            f"({df.loc[score, 'course score']:.3f}); {worse}; {most_accurate(df)}"
             + _deployed(s, close) + (f"; {len(bad)} unusable runs listed" if bad else ""))
+
+
+def _verdict(df: pd.DataFrame, name: str) -> str:
+    """A model's verdict and what it rests on, in words ("worse, recipe over 2 seeds")."""
+    basis = df.loc[name, BASIS] if BASIS in df else None
+    return f"{df.loc[name, VERDICT]}, {basis}" if isinstance(basis, str) else str(df.loc[name, VERDICT])
+
+
+def _worse(df: pd.DataFrame) -> str:
+    """How many models are worse than their baseline, by the verdict each rests on, in words."""
+    if VERDICT not in df:
+        return "not judged"
+    worse = df[df[VERDICT] == stats.WORSE]
+    by_recipe = int(worse[BASIS].str.startswith("recipe").sum()) if BASIS in df else 0
+    return (f"{len(worse)} model(s) worse than their baseline ({by_recipe} as a recipe over seeds, "
+            f"{len(worse) - by_recipe} on these test images only)")
 
 
 def _deployed(s: Summary, close: pd.DataFrame) -> str:

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from resnet_lab import stats
+from resnet_lab import results, stats
 
 
 def _wilson_by_formula(k, n, z=1.959963984540054):
@@ -112,47 +112,85 @@ def test_a_spread_over_seeds_gives_mean_sample_sd_and_the_t_interval():
         stats.spread([])
 
 
-def test_the_seed_band_grows_with_the_baseline_spread_and_shrinks_with_the_model_seeds():
-    base = stats.spread([72.0, 74.0, 76.0])  # sd 2 over 3 seeds
-    assert stats.seed_band(base) == pytest.approx(4.302653 * 2 * math.sqrt(2), rel=1e-5)
-    assert stats.seed_band(base, n=2) == pytest.approx(4.302653 * 2, rel=1e-5)
-    assert math.isnan(stats.seed_band(stats.spread([73.0])))  # one seed: the seed noise is not measured
+def test_the_pooled_spread_of_a_delta_by_hand():
+    # recipe a: Δs -5.2, -4.8 (mean -5, squares 0.04 + 0.04); recipe b: 0.5, -0.5, 0 (mean 0, squares 0.25 + 0.25 + 0);
+    # recipe c: one replicate adds nothing
+    sd, df = stats.pooled_sd([[-5.2, -4.8], [0.5, -0.5, 0.0], [1.0]])
+    assert df == 3 and sd == pytest.approx(math.sqrt(0.58 / 3))
+    assert stats.pooled_sd([[1.0], [2.0]]) == (pytest.approx(float("nan"), nan_ok=True), 0)
 
 
-def test_a_test_set_verdict_stands_only_when_the_seeds_support_it():
-    # 60 more images right: the paired test says better ...
-    pair = stats.mcnemar(np.r_[np.ones(60, bool), np.zeros(940, bool)], np.zeros(1000, bool))
-    assert stats.verdict(pair) == stats.BETTER
-    # ... but a +6 pt Δ inside a ±11 pt seed band is no finding
-    assert stats.overall(stats.BETTER, 6.0, band=11.3) == stats.SAME
-    assert stats.overall(stats.BETTER, 6.0, band=3.0) == stats.BETTER
-    assert stats.overall(stats.WORSE, -6.0) == stats.WORSE  # no seed spread measured: the test set alone
-    assert stats.overall(stats.SAME, 6.0, band=0.1) == stats.SAME  # the test set never supported it
-    # with the model on several seeds, their t-test decides the seed side
-    assert stats.overall(stats.BETTER, 6.0, band=11.3, seed_p=0.01) == stats.BETTER
-    assert stats.overall(stats.BETTER, 6.0, band=0.1, seed_p=0.2) == stats.SAME
+def test_the_recipe_test_against_scipy():
+    from scipy import stats as sp
+
+    deltas = [-3.1, -2.9, -3.4, -2.6]
+    sd, df = stats.pooled_sd([deltas])
+    # one recipe: the pooled test is the one-sample t-test
+    assert stats.recipe_p(deltas, sd, df) == pytest.approx(sp.ttest_1samp(deltas, 0.0).pvalue, rel=1e-9)
+    # pooled with another recipe's spread: t = mean / (sd / √n) on the pooled degrees of freedom, by hand
+    other = [0.3, -0.3, 0.1]
+    sd, df = stats.pooled_sd([deltas, other])
+    t = abs(np.mean(deltas)) / (sd / math.sqrt(4))
+    assert df == 5 and stats.recipe_p(deltas, sd, df) == pytest.approx(2 * sp.t.sf(t, 5), rel=1e-9)
+    assert math.isnan(stats.recipe_p([1.0], sd, df)) and math.isnan(stats.recipe_p([1.0, 2.0], float("nan"), 0))
+    assert stats.recipe_p([0.0, 0.0], 0.0, 1) == 1.0 and stats.recipe_p([-1.0, -1.0], 0.0, 1) == 0.0
 
 
-def test_the_seed_t_test_and_the_pooled_paired_test():
-    assert stats.seed_test([-3.1, -2.9, -3.0]) < 0.001  # consistently worse on every seed
-    assert stats.seed_test([-3.0, 2.5, 0.4]) > 0.5  # the sign flips with the seed
-    assert stats.seed_test([0.0, 0.0]) == 1.0 and math.isnan(stats.seed_test([1.0]))
-    a = np.r_[np.ones(20, bool), np.zeros(80, bool)]
-    b = np.r_[np.zeros(10, bool), np.ones(10, bool), np.zeros(80, bool)]
-    one = stats.mcnemar(a, b)  # 10 images only a gets right, none only b
-    both = stats.pooled([one, one])
-    assert (both.a_only, both.b_only) == (20, 0) and both.p < one.p
-    assert both.acc_a == pytest.approx(20.0) and both.acc_b == pytest.approx(10.0)
+def _row(name, technique, origin, seed, acc, correct, recipe):
+    return results.Row(name, technique, "g", origin, seed, acc, correct, recipe)
 
 
-def test_a_seeds_table_is_adjusted_together_and_needs_both_tests():
-    right = np.zeros(1000, bool)
-    better = np.r_[np.ones(60, bool), np.zeros(940, bool)]  # 60 more images right on every seed
-    consistent = stats.over_seeds([76.0, 76.1, 75.9], [6.0, 6.1, 5.9], [stats.mcnemar(better, right)] * 3)
-    erratic = stats.over_seeds([79.0, 70.0, 76.0], [9.0, 0.1, 6.0], [stats.mcnemar(better, right)] * 3)
-    rows = [{"model": "baseline"}, {"model": "a", **consistent}, {"model": "b", **erratic}]
-    stats.adjust_over_seeds(rows, "verdict")
-    assert "verdict" not in rows[0] and "_pooled" not in rows[1]
-    assert rows[1]["verdict"] == stats.BETTER  # both the pooled test and the seeds agree
-    assert rows[2]["verdict"] == stats.SAME  # the test images agree, the seeds do not
-    assert rows[2]["p (seeds, t-test)"] >= stats.seed_test([9.0, 0.1, 6.0])  # adjusted, never smaller
+def _seeds_case(deltas_a, deltas_b, images=1000, seeds=(0, 1, 2)):
+    """Baselines of three seeds; recipes a and b made on each, with these Δs (pt) and the images they lose or gain
+    taken from the first images (identical predictions where Δ = 0)."""
+    rng = np.random.default_rng(0)
+    rows, bases = [], []
+    for i, s in enumerate(seeds):
+        base = rng.random(images) < 0.75
+        b = _row(f"base {s}", "baseline", f"k{s}", s, 100 * base.mean(), base, "baseline")
+        bases.append(b)
+        rows.append(b)
+        for recipe, d in (("a", deltas_a[i]), ("b", deltas_b[i])):
+            right = base.copy()
+            k = round(abs(d) * images / 100)
+            flip = np.flatnonzero(right if d < 0 else ~right)[:k]
+            right[flip] = d > 0
+            rows.append(_row(f"{recipe} {s}", recipe, f"k{s}", s, 100 * right.mean(), right, recipe))
+    return rows, bases
+
+
+def test_a_recipe_losing_5_pt_on_every_seed_is_worse_at_both_levels():
+    rows, bases = _seeds_case([-5.0, -5.5, -4.5], [0.5, -0.5, 0.0])
+    v = results.judge(rows, bases)
+    for s in (0, 1, 2):
+        a, b = v[f"a {s}"], v[f"b {s}"]
+        assert a.images == stats.WORSE and a.recipe.verdict == stats.WORSE and a.verdict == stats.WORSE
+        assert a.basis == "recipe over 3 seeds"
+        # Δ = 0 ± 0.5: no detectable difference at either level
+        assert b.images == stats.SAME and b.recipe.verdict == stats.SAME
+    assert v.df == 4 and v["a 0"].recipe.deltas == pytest.approx([-5.0, -5.5, -4.5])
+    assert v.sd == pytest.approx(0.5)  # (0.5 + 0.5) / 4 degrees of freedom
+    # what 3 seeds resolve with that spread: t(4, 0.975) = 2.776445 · 0.5 / √3
+    assert results.resolution(v).loc[3].iloc[0] == pytest.approx(2.776445 * 0.5 / math.sqrt(3), rel=1e-6)
+    assert v["base 0"].images == "reference" and v["base 1"].images == "seed 1" and v["base 1"].recipe is None
+
+
+def test_identical_predictions_give_p_1_and_one_replicate_needs_replicates():
+    right = np.r_[np.ones(700, bool), np.zeros(300, bool)]
+    base = _row("base", "baseline", "k0", 0, 70.0, right, "baseline")
+    same = _row("int8", "int8", "k0", 0, 70.0, right.copy(), "int8")
+    v = results.judge([base, same], [base])
+    assert v["int8"].p == 1.0 and v["int8"].images == stats.SAME
+    assert v["int8"].recipe.verdict == stats.NEEDS and v["int8"].verdict == stats.SAME
+    assert v["int8"].basis == "these test images" and "needs replicates" in results.noise(v)
+
+
+def test_no_verdict_is_borrowed_from_the_baselines_absolute_spread():
+    # two baselines 3.4 pt apart (the default's two seeds), a recipe 5 pt down on each: the Δ's own spread is 0.2 pt
+    rows, bases = _seeds_case([-5.1, -4.9], [0.1, -0.1], seeds=(0, 1))
+    v = results.judge(rows, bases, seed_accs=[76.89, 73.45])
+    assert v["a 1"].recipe.verdict == stats.WORSE and v["b 1"].recipe.verdict == stats.SAME
+    assert v.spread.n == 2 and "is not the noise of a Δ" in results.noise(v)
+    table = results.seeds_table(rows, v)
+    assert list(table["n"]) == [2, 2, 2] and table.loc["a 0", results.RECIPE] == stats.WORSE
+    assert table.loc["a 0", "Δ mean (pt)"] == pytest.approx(-5.0)

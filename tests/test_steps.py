@@ -83,11 +83,13 @@ def test_stage_tables_pair_every_model_with_the_baseline_from_the_stored_predict
     pairs = [stats.mcnemar(stats.correct(m.run.predictions()["test"].numpy(), labels), reference)
              for m in result.models[1:]]
     assert list(table[steps.P_BASELINE].iloc[1:]) == pytest.approx(stats.adjusted([pr.p for pr in pairs]))
-    assert list(table[steps.VERDICT].iloc[1:]) == [word for _, word in stats.verdicts(pairs)]
+    assert list(table[steps.IMAGES].iloc[1:]) == [word for _, word in stats.verdicts(pairs)]
+    # one seed: no recipe is replicated, so the verdict is these images' and says so
+    assert set(table[steps.RECIPE].iloc[1:]) == {stats.NEEDS} and (table[steps.VERDICT] == table[steps.IMAGES]).all()
     for (name, row), m in zip(table.iterrows(), result.models):
         lo, hi = map(float, row[steps.ACC_CI].split("–"))
         assert lo - 0.05 <= m.row["test_acc"] <= hi + 0.05, name
-    for column in (steps.ACC_CI, steps.VERDICT):  # every stage shows them
+    for column in (steps.ACC_CI, steps.IMAGES, steps.RECIPE):  # every stage shows both verdicts
         assert column in pruning.COLUMNS and column in factorization.COLUMNS and column in quantization.COLUMNS
 
 
@@ -157,7 +159,8 @@ def test_a_stage_replicated_over_baseline_seeds_reads_each_model_against_its_own
     assert list(spread["n"]) == [2, 2] and list(spread["technique"]) == ["baseline", "svd"]
     deltas = [m.row["test_acc"] - r.row["test_acc"] for m, r in zip(result.models, roots) if m.row["technique"] == "svd"]
     assert spread.iloc[1]["Δ mean (pt)"] == pytest.approx(np.mean(deltas))
-    assert spread.iloc[1][steps.VERDICT] in (stats.BETTER, stats.WORSE, stats.SAME)
+    assert spread.iloc[1][steps.RECIPE] in (stats.BETTER, stats.WORSE, stats.SAME)
+    assert df[steps.BASIS].iloc[1] == "recipe over 2 seeds" and df[steps.VERDICT].iloc[1] == spread.iloc[1][steps.RECIPE]
     assert result.verdicts().spread.n == 2  # the baseline's seeds found in the store: the seed noise is measured
     assert "training seeds" in results.noise(result.verdicts())
     # the replicate's runs are keyed by its own baseline: a rerun reuses all of them

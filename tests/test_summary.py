@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from resnet_lab import baselines, export, params, results, runs, stats, summary
+from resnet_lab.__main__ import main
 from resnet_lab.stages import factorization, pruning, quantization
 
 from conftest import PARAMS, smoke_baseline
@@ -28,14 +29,26 @@ def store(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def summarized(store):
+    """The summary of `store`, made once for the tests that read it: (the summary, every file of the store with its
+    modification time before it, and after it)."""
+    def files():
+        return {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+
+    before = files()
+    s = _summarize(store)
+    return s, before, files()
+
+
 def _summarize(root, **changes):
     p = params.load(PARAMS / "summary_smoke.yaml", "summary")
     p.update(run_root=str(root), progress=False, **changes)
     return summary.run(params.validate(p, "summary"))
 
 
-def test_every_model_is_rebuilt_and_measured_again_matching_what_its_stage_stored(store):
-    s = _summarize(store)
+def test_every_model_is_rebuilt_and_measured_again_matching_what_its_stage_stored(store, summarized):
+    s = summarized[0]
     df = summary.table(s)
     assert list(df["group"]) == ["baseline", "quantization", "quantization", "pruning", "pruning", "factorization",
                                  "combination"]
@@ -185,6 +198,10 @@ def test_best_per_criterion_over_all_and_within_the_allowed_drop():
     assert "no model is detectably more accurate" in summary.most_accurate(df) and "q_small" in summary.most_accurate(df)
     df.loc["q_small", summary.VERDICT] = stats.BETTER
     assert summary.best(s, df, max_drop=2.0).loc["test accuracy (%)", ("any accuracy", "model")] == "q_small"
+    # the words say which verdict a claim rests on
+    df[summary.BASIS] = [None] + ["recipe over 2 seeds"] * 3 + ["these test images"] * 3
+    assert "(+0.20 pt, better, recipe over 2 seeds)" in summary.most_accurate(df)
+    assert summary.best(s, df, 2.0).loc["size on disk (KB)", ("any accuracy", summary.BASIS)] == "these test images"
 
 
 def test_a_model_found_worse_does_not_compete_on_cost_even_within_the_allowed_drop():
@@ -231,11 +248,10 @@ def test_summary_without_a_baseline_names_the_command(tmp_path):
     assert not (tmp_path / "empty").exists()
 
 
-def test_summary_writes_only_each_runs_onnx_file_and_only_once(store):
+def test_summary_writes_only_each_runs_onnx_file_and_only_once(store, summarized):
     exported = (export.FILE, export.RECORD)
-    before = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file() and p.name not in exported}
-    _summarize(store)
-    made = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+    _, before, made = summarized
+    assert not any(p.name in exported for p in before)
     assert {p: t for p, t in made.items() if p.name not in exported} == before
     assert {p.parent for p in made if p.name == export.FILE} == {p.parent for p in made if p.name == export.RECORD}
     _summarize(store)
@@ -255,11 +271,8 @@ def test_stored_metrics_are_json(store):
             json.loads(run.path("metrics.json").read_text())
 
 
-def test_replicates_over_seeds_are_named_paired_with_their_own_seed_and_summarized(tmp_path):
-    root = tmp_path / "runs"
-    bp = params.load(PARAMS / "smoke.yaml", "baseline")
-    bp.update(run_root=str(root), progress=False)
-    baselines.replicates({**bp, "seeds": [0, 1]})
+def test_replicates_over_seeds_are_named_paired_with_their_own_seed_and_summarized(baseline_store):
+    root = baseline_store  # the smoke baseline on both of its seeds (conftest)
     factorization.run(_stage_params("svd_smoke.yaml", "svd", root, ranks=[0.5], variants=[], then=[], scratch_ranks=[],
                                     epochs=1, baseline_seeds=[0, 1]))
     s = _summarize(root)
@@ -269,7 +282,7 @@ def test_replicates_over_seeds_are_named_paired_with_their_own_seed_and_summariz
     assert list(df[summary.VERDICT].iloc[:2]) == ["reference", "seed 1"]
     assert df.loc["SVD 0.5 of full rank, seed 1", summary.DELTA] == pytest.approx(
         df.loc["SVD 0.5 of full rank, seed 1", summary.ACC] - df.loc["baseline (FP32, width 8), seed 1", summary.ACC])
-    assert s.verdicts.spread.n == 2 and s.verdicts.band == pytest.approx(stats.seed_band(s.verdicts.spread))
+    assert s.verdicts.spread.n == 2 and s.verdicts.df == 1  # one recipe on two seeds: one degree of freedom
     assert "2 training seeds" in results.noise(s.verdicts)
     seeds = summary.seeds_table(s)
     assert list(seeds["n"]) == [2, 2] and list(seeds["technique"]) == ["baseline", "svd"]
@@ -277,14 +290,15 @@ def test_replicates_over_seeds_are_named_paired_with_their_own_seed_and_summariz
         df.loc[["SVD 0.5 of full rank", "SVD 0.5 of full rank, seed 1"], summary.DELTA].mean())
 
 
-def test_the_cli_exports_one_run_and_reuses_the_summarys_file(store, python):
+def test_the_cli_exports_one_run_and_reuses_the_summarys_file(store, summarized, python, capsys):
     import subprocess
 
-    _summarize(store)
     folder = next(r.dir for r in runs.RunStore(store).runs("int8") if r.done)
     out = subprocess.run([python, "-m", "resnet_lab", "export", str(folder)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"reused {folder / export.FILE}") and "int8 QDQ graph" in out.stdout
-    (folder / export.RECORD).unlink()
-    out = subprocess.run([python, "-m", "resnet_lab", "export", str(folder)], capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.startswith("wrote") and "% of " in out.stdout
+    (folder / export.RECORD).unlink()  # the same command again, in this process
+    capsys.readouterr()
+    assert main(["export", str(folder)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("wrote") and "% of " in printed

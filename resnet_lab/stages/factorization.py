@@ -44,7 +44,7 @@ def run(p: dict[str, Any]) -> steps.Result:
 
 
 COLUMNS = ["layers factorized", "left alone", steps.PARAMS, "compression (× fewer params)", steps.MACS,
-           steps.MAC_REDUCTION, steps.SIZE, steps.BEFORE, steps.ACC, steps.ACC_CI, steps.VAL, steps.DELTA, steps.VERDICT, steps.THROUGHPUT,
+           steps.MAC_REDUCTION, steps.SIZE, steps.BEFORE, steps.ACC, steps.ACC_CI, steps.VAL, steps.DELTA, steps.IMAGES, steps.RECIPE, steps.THROUGHPUT,
            steps.SPEEDUP, steps.SPEEDUP_PER_MAC, steps.TRAIN_TIME]
 
 
@@ -70,8 +70,9 @@ def left_alone(result: steps.Result) -> str:
 
 
 def headline(table: pd.DataFrame, max_loss: float = 3.0) -> str:
-    """The most compressed fine-tuned factorized model within `max_loss` points of the baseline."""
-    tuned = table[(table["technique"] == "svd") & (table["mode"] == "posttraining")]
+    """The most compressed fine-tuned factorized model within `max_loss` points of the baseline that no verdict
+    calls worse."""
+    tuned = steps.not_worse(table[(table["technique"] == "svd") & (table["mode"] == "posttraining")])
     ok = tuned[tuned[steps.DELTA] >= -max_loss]
     pick = ok if len(ok) else tuned
     if not len(pick):
@@ -81,4 +82,4 @@ def headline(table: pd.DataFrame, max_loss: float = 3.0) -> str:
     speed = (f", {r[steps.SPEEDUP]:.2f}× CPU throughput ({r[steps.SPEEDUP_PER_MAC]:.2f} of the "
              f"{r[steps.MAC_REDUCTION]:.2f}× MAC reduction)") if steps.SPEEDUP in r else ""
     return (f"{name}: {r['compression (× fewer params)']:.1f}× fewer parameters, test {r[steps.ACC]:.1f}% "
-            f"({r[steps.DELTA]:+.1f} pt after fine-tuning){speed}")
+            f"({steps.said(r, 1)} after fine-tuning){speed}")

@@ -84,7 +84,7 @@ def run(p: dict[str, Any]) -> steps.Result:
 
 # ---------------------------------------------------------------- tables for the report
 COLUMNS = [steps.SPARSITY, steps.PARAMS, steps.NONZERO, steps.MACS, steps.SPARSE_MACS, steps.MAC_REDUCTION, steps.SIZE,
-           steps.SIZE_RATIO, steps.BEFORE, steps.ACC, steps.ACC_CI, steps.VAL, steps.DELTA, steps.VERDICT, steps.THROUGHPUT, steps.SPEEDUP,
+           steps.SIZE_RATIO, steps.BEFORE, steps.ACC, steps.ACC_CI, steps.VAL, steps.DELTA, steps.IMAGES, steps.RECIPE, steps.THROUGHPUT, steps.SPEEDUP,
            steps.SPEEDUP_PER_MAC, steps.COURSE, steps.MICRONET, steps.TRAIN_TIME]
 
 
@@ -158,20 +158,20 @@ def table(result: steps.Result, speed: dict[str, dict] | None = None) -> pd.Data
 
 def headline(table: pd.DataFrame) -> str:
     """The sparsest unstructured model within 2 pt and the structured model with the largest MAC reduction within
-    5 pt (models of the `prune` step, picked by their method field, never by their name), and the best course
-    score."""
+    5 pt that no verdict calls worse (models of the `prune` step, picked by their method field, never by their name),
+    and the best course score."""
     parts = []
-    pruned = table[table["technique"] == "prune"]
+    pruned = steps.not_worse(table[table["technique"] == "prune"])
     ok = pruned[(pruned["method"] == "l1") & (pruned[steps.DELTA] >= -2)]
     if len(ok):
         name = ok[steps.SPARSITY].idxmax()
-        parts.append(f"{name}: {ok.loc[name, steps.DELTA]:+.1f} pt")
+        parts.append(f"{name}: {steps.said(ok.loc[name], 1)}")
     ok = pruned[(pruned["method"] == "ln_structured") & (pruned[steps.DELTA] >= -5)]
     if len(ok):
         name = ok[steps.MAC_REDUCTION].idxmax()
         r = ok.loc[name]
         speed = f", {r[steps.SPEEDUP]:.2f}× CPU throughput" if steps.SPEEDUP in r else ""
-        parts.append(f"{name}: {r[steps.MAC_REDUCTION]:.1f}× fewer MACs{speed}, {r[steps.DELTA]:+.1f} pt")
+        parts.append(f"{name}: {r[steps.MAC_REDUCTION]:.1f}× fewer MACs{speed}, {steps.said(r, 1)}")
     best = table[steps.COURSE].idxmin()
     parts.append(f"best course score {table.loc[best, steps.COURSE]:.3f} ({best})")
     return " · ".join(parts)

@@ -48,7 +48,7 @@ def _one_chain(p: dict[str, Any]) -> list[list[steps.Link]]:
     return chains
 
 
-COLUMNS = [steps.BITS, steps.ACC, steps.ACC_CI, steps.VAL, steps.DELTA_PARENT, steps.DELTA, steps.VERDICT, steps.PARAMS, steps.MACS, steps.SIZE,
+COLUMNS = [steps.BITS, steps.ACC, steps.ACC_CI, steps.VAL, steps.DELTA_PARENT, steps.DELTA, steps.IMAGES, steps.RECIPE, steps.PARAMS, steps.MACS, steps.SIZE,
            steps.SIZE_RATIO, steps.THROUGHPUT, steps.SPEEDUP, steps.COURSE, steps.MICRONET]
 
 
@@ -122,13 +122,13 @@ def headline(table: pd.DataFrame) -> str:
     for technique in ("int8", "fp16", "bf16"):
         for name, r in table[table["technique"] == technique].iterrows():
             speed = f", {r[steps.SPEEDUP]:.1f}× CPU throughput" if steps.SPEEDUP in r else ""
-            parts.append(f"{name} {r[steps.DELTA]:+.2f} pt{speed}")
+            parts.append(f"{name} {steps.said(r)}{speed}")
     for name, r in table[table["technique"] == "qat"].iterrows():
-        parts.append(f"{name} {r[steps.ACC]:.1f}% ({r[steps.DELTA]:+.1f} pt), bits {r[steps.BITS]}")
+        parts.append(f"{name} {r[steps.ACC]:.1f}% ({steps.said(r, 1)}), bits {r[steps.BITS]}")
     bc = table[table["technique"] == "binaryconnect"]
     if len(bc):
         best = bc[steps.VAL].idxmax()  # chosen on validation
         r = bc.loc[best]
-        parts.append(f"{best} {r[steps.ACC]:.1f}% ({r[steps.DELTA]:+.1f} pt) in 1/{1 / r[steps.SIZE_RATIO]:.0f} "
+        parts.append(f"{best} {r[steps.ACC]:.1f}% ({steps.said(r, 1)}) in 1/{1 / r[steps.SIZE_RATIO]:.0f} "
                      f"of the baseline's file")
     return " · ".join(parts)
