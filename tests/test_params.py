@@ -8,6 +8,7 @@ import yaml
 
 from resnet_lab import params
 from resnet_lab import techniques as T
+from resnet_lab.__main__ import main
 from resnet_lab.params import ParamsError
 
 from conftest import PARAMS, ROOT
@@ -140,18 +141,18 @@ def test_identity_ignores_presentation_keys_only():
     assert params.identity(a) != params.identity(dict(a, epochs=a["epochs"] + 1))
 
 
-def test_cli_check_fails_fast_naming_the_key(tmp_path, python):
+def test_cli_check_fails_fast_naming_the_key(tmp_path, python, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text((PARAMS / "smoke.yaml").read_text() + "batchsize: 64\n")
     r = subprocess.run([python, "-m", "resnet_lab", "check", str(bad)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2
     assert "unknown parameter 'batchsize' (did you mean 'batch_size'?)" in r.stderr
     assert "[checked for stage 'baseline' (inferred from its keys" in r.stderr
-    ok = subprocess.run([python, "-m", "resnet_lab", "check", str(PARAMS / "smoke.yaml")], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert ok.returncode == 0 and json.loads(ok.stdout.split("\n", 1)[1])["data"] == "synthetic"
-    pruning = subprocess.run([python, "-m", "resnet_lab", "check", str(PARAMS / "pruning.yaml")], capture_output=True,
-                             text=True, cwd=ROOT, timeout=120)
-    assert pruning.returncode == 0 and "valid for stage 'pruning' (inferred" in pruning.stdout
+    capsys.readouterr()  # the files it accepts: the same command in this process
+    assert main(["check", str(PARAMS / "smoke.yaml")]) == 0
+    assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["data"] == "synthetic"
+    assert main(["check", str(PARAMS / "pruning.yaml")]) == 0
+    assert "valid for stage 'pruning' (inferred" in capsys.readouterr().out
 
 
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
@@ -166,7 +167,7 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     (b"seed: 123456789012345678901234567890\n", "parameter 'seed'"),
     (b"epochs: '" + b"x" * 100_000 + b"'\n", "parameter 'epochs'"),
 ])
-def test_hostile_params_files_are_refused_up_front_in_one_bounded_line(tmp_path, python, content, message):
+def test_hostile_params_files_are_refused_up_front_in_one_bounded_line(tmp_path, capsys, content, message):
     # Before: the alias bomb expanded without bound, deep nesting ended in RecursionError, a binary file in
     # UnicodeDecodeError, a huge seed failed in torch after the run folder existed (issue 17, item 4).
     f = tmp_path / "hostile.yaml"
@@ -174,9 +175,10 @@ def test_hostile_params_files_are_refused_up_front_in_one_bounded_line(tmp_path,
     with pytest.raises(ParamsError) as refused:
         params.load(f, "baseline")
     assert message in str(refused.value) and len(str(refused.value)) < 1000
-    r = subprocess.run([python, "-m", "resnet_lab", "train", str(f)], capture_output=True, text=True, cwd=ROOT,
-                       timeout=120)
-    assert r.returncode == 2 and message in r.stderr and len(r.stderr) < 1500 and "Traceback" not in r.stderr
+    capsys.readouterr()
+    assert main(["train", str(f)]) == 2  # the command line's answer (its own process: test_cli_check_fails_fast_…)
+    err = capsys.readouterr().err
+    assert message in err and len(err) < 1500 and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
 
 
