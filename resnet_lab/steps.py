@@ -123,13 +123,14 @@ class Result:
     extras: dict[str, Any] = field(default_factory=dict)  # stage analyses (sensitivity, curves)
     bases: dict[str, Model] = field(default_factory=dict)  # the baselines of replicates (run key -> root)
     _rows: list[results.Row] | None = field(default=None, repr=False)  # `result_rows`, read once
+    _verdicts: results.Verdicts | None = field(default=None, repr=False)  # `verdicts`, judged once
 
     @property
     def baseline(self) -> baseline_mod.BaselineResult:
         return self.ctx.base
 
     def add(self, *made: Model) -> None:
-        self._rows = None
+        self._rows = self._verdicts = None
         seen = {m.ref for m in self.models}
         self.models += [m for m in made if m.ref not in seen and not seen.add(m.ref)]
 
@@ -190,7 +191,9 @@ class Result:
 
     def verdicts(self) -> results.Verdicts:
         """Every model's Δ, interval and verdict (`results.judge`), read against the baseline's seeds in the store."""
-        return results.judge(self.result_rows(), self.baseline_rows(), self.ctx.seed_accs)
+        if self._verdicts is None:  # the table, the seeds table and the notebook's sentence all read them
+            self._verdicts = results.judge(self.result_rows(), self.baseline_rows(), self.ctx.seed_accs)
+        return self._verdicts
 
     def seeds_table(self) -> pd.DataFrame:
         """Each recipe of this result trained on two or more seeds, over its seeds (`results.seeds_table`)."""
@@ -479,10 +482,15 @@ def table(result: Result, speed: dict[str, dict] | None = None) -> pd.DataFrame:
 
 
 def said(r: "pd.Series", digits: int = 2) -> str:
-    """A model's Δ against its baseline with the verdict it rests on, for a headline: "-5.51 pt, worse (recipe over
-    2 seeds)"."""
+    """A model's Δ against its baseline with the verdict it rests on, for a headline: "-5.51 pt, worse, recipe over
+    2 seeds"."""
+    return f"{r[DELTA]:+.{digits}f} pt" + (f", {verdict_text(r)}" if isinstance(r.get(BASIS), str) else "")
+
+
+def verdict_text(r: "pd.Series") -> str:
+    """A model's verdict and what it rests on: "worse, recipe over 2 seeds"; the verdict alone without a basis."""
     basis = r.get(BASIS)
-    return f"{r[DELTA]:+.{digits}f} pt" + (f", {r[VERDICT]} ({basis})" if isinstance(basis, str) else "")
+    return f"{r[VERDICT]}, {basis}" if isinstance(basis, str) else str(r[VERDICT])
 
 
 def not_worse(df: pd.DataFrame) -> pd.DataFrame:

@@ -610,9 +610,7 @@ def headline(s: Summary, df: pd.DataFrame, max_drop: float) -> str:
 
 
 def _verdict(df: pd.DataFrame, name: str) -> str:
-    """A model's verdict and what it rests on, in words ("worse, recipe over 2 seeds")."""
-    basis = df.loc[name, BASIS] if BASIS in df else None
-    return f"{df.loc[name, VERDICT]}, {basis}" if isinstance(basis, str) else str(df.loc[name, VERDICT])
+    return steps.verdict_text(df.loc[name])
 
 
 def _worse(df: pd.DataFrame) -> str:
