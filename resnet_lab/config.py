@@ -295,8 +295,22 @@ MAX_PARAMS_BYTES = 1_000_000  # a params file is a page of settings; a larger on
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader without anchors and aliases: nested aliases expand without bound when the value is
-    later walked (a 438-byte file became gigabytes), and a params file has no need of them."""
+    """PyYAML's safe loader without anchors and aliases (nested aliases expand without bound when the value is
+    later walked: a 438-byte file became gigabytes, and a params file has no need of them) and without repeated
+    keys (PyYAML keeps the last silently: params/quantization_full.yaml asked for `device: cuda`, then a second
+    `device: auto` further down undid it)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)) or key is None:
+                continue  # an unhashable key is refused by PyYAML itself, with its own message
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping: keep "
+                                                        "one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.events.AliasEvent):

@@ -166,6 +166,8 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     (b"lr: 0.1\n#" + b"x" * 1_100_000 + b"\n", "larger than 1,000,000 bytes"),
     (b"seed: 123456789012345678901234567890\n", "parameter 'seed'"),
     (b"epochs: '" + b"x" * 100_000 + b"'\n", "parameter 'epochs'"),
+    # Before: the last of two keys won silently (params/quantization_full.yaml lost its `device: cuda` that way)
+    (b"device: cpu\nepochs: 2\ndevice: auto\n", "key 'device' appears twice"),
 ])
 def test_hostile_params_files_are_refused_up_front_in_one_bounded_line(tmp_path, capsys, content, message):
     # Before: the alias bomb expanded without bound, deep nesting ended in RecursionError, a binary file in
@@ -224,7 +226,8 @@ def test_the_memory_a_model_keeps_per_image_is_counted_from_its_real_forward_pas
 def test_a_training_batch_that_leaves_one_step_per_epoch_is_refused_with_its_reason(tmp_path, python):
     # Before: OneCycleLR divided by zero in the first epoch, after the run folder existed (issue 17, item 4)
     f = tmp_path / "one_step.yaml"
-    f.write_text((PARAMS / "smoke.yaml").read_text() + f"run_root: {tmp_path / 'runs'}\nbatch_size: 65536\n")
+    f.write_text((PARAMS / "smoke.yaml").read_text().replace("batch_size: 32\n", "batch_size: 65536\n")
+                 + f"run_root: {tmp_path / 'runs'}\n")
     r = subprocess.run([python, "-m", "resnet_lab", "train", str(f)], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
