@@ -200,7 +200,16 @@ class Result:
         return results.seeds_table(self.result_rows(), self.verdicts())
 
     def inference_models(self) -> dict[str, nn.Module]:
-        return dict(zip(self.names(), (m.model for m in self.models)))
+        """The models to time side by side, by name: one per recipe (`timed_as`)."""
+        models = dict(zip(self.names(), (m.model for m in self.models)))
+        return {name: models[name] for name in dict.fromkeys(self.timed_as().values())}
+
+    def timed_as(self) -> dict[str, str]:
+        """Each model's name -> the model its speed is timed on: the first of its recipe. A replicate (the recipe on
+        another baseline seed) has the same layers and computes the same operations, so its speed is its recipe's:
+        timing it again would cost the report time and say nothing new."""
+        first: dict[str, str] = {}
+        return {r.name: first.setdefault(r.recipe, r.name) for r in self.result_rows()}
 
     def histories(self) -> dict[str, list[dict]]:
         """The fine-tuning (or training) history of every model made here, by name (not the reference's)."""
@@ -416,12 +425,14 @@ def distilled(settings: dict[str, Any]) -> str:
 
 
 def replicated(p: dict[str, Any], one: Callable[[Context, bool], Result]) -> Result:
-    """A stage's result: `one(ctx, first)` from the baseline of `seed`, then, for each of `p['baseline_seeds']`,
-    the same sweep from that seed's baseline replicate, fine-tuned with that seed (each model its own run); the
-    replicates' models (and their baselines) added to the first result. `first` is False for a replicate, so a
-    stage computes its analyses (sensitivity, curves) once."""
+    """A stage's result: `one(ctx, first)` from the baseline of `seed`, then, for each other seed of
+    `p['baseline_seeds']` ("all": every seed the baseline trained), the same sweep from that seed's baseline
+    replicate, fine-tuned with that seed (each model its own run); the replicates' models (and their baselines)
+    added to the first result. `first` is False for a replicate, so a stage computes its analyses (sensitivity,
+    curves) once."""
     result = one(Context(p), True)
-    for s in p["baseline_seeds"]:
+    seeds = p["baseline_seeds"]
+    for s in baseline_mod.seeds_of(result.ctx.bp) if seeds == "all" else seeds:
         if s != result.ctx.bp["seed"]:
             other = one(Context({**p, "seed": s}, s), False)
             result.add(*other.models)
@@ -453,11 +464,11 @@ def measure(model: nn.Module, pruned_from: nn.Module | None, root: nn.Module) ->
 # ---------------------------------------------------------------- the shared table
 def table(result: Result, speed: dict[str, dict] | None = None) -> pd.DataFrame:
     """One row per model of `result` (index: its name), the fields first, then every shared column; speed
-    columns from `metrics.compare_speed(result.inference_models(), …)` when given. A notebook shows the
+    columns from `metrics.compare_speed(result.inference_models(), …)` when given (a replicate shows its recipe's). A notebook shows the
     columns that concern it."""
     import pandas as pd
 
-    names, verdicts = result.names(), result.verdicts()
+    names, verdicts, timed = result.names(), result.verdicts(), result.timed_as()
     parents = {m.ref: m.row for m in result.models}
     rows = []
     for name, m in zip(names, result.models):
@@ -475,7 +486,7 @@ def table(result: Result, speed: dict[str, dict] | None = None) -> pd.DataFrame:
                P_RECIPE: j.recipe.p if j.recipe else None, RECIPE: j.recipe.verdict if j.recipe else None,
                VERDICT: j.verdict, BASIS: j.basis}
         if speed:
-            row |= metrics.speed_columns(speed, name, names[0], mac_reduction)
+            row |= metrics.speed_columns(speed, timed[name], timed[names[0]], mac_reduction)
         row |= {COURSE: r["score"], MICRONET: r["micronet_score"], TRAIN_TIME: r.get("train_time_s")}
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")

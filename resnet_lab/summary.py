@@ -48,6 +48,9 @@ class Summary:
     # model name -> its ONNX file and the agreement of its predictions (`onnx`), or why it could not be exported
     onnx: dict[str, export.Exported] = field(default_factory=dict)
     onnx_errors: dict[str, str] = field(default_factory=dict)
+    # model name -> the model its speed is timed on and its ONNX file made for: the first of its recipe (a
+    # replicate on another baseline seed computes the same operations: `steps.Result.timed_as`)
+    timed: dict[str, str] = field(default_factory=dict)
     ort_latency_col: str = ""
     ort_throughput_col: str = ""
 
@@ -67,7 +70,7 @@ def run(p: dict) -> Summary:
     reader.name_and_export()
     if p["progress"]:
         print(f"timing {len(out.models)} models on the CPU, side by side ...", flush=True)
-    engines = {(PYTORCH, name): model for name, model in out.models.items()}
+    engines = {(PYTORCH, name): out.models[name] for name in dict.fromkeys(out.timed.values())}
     if p["onnx"]:
         out.ort_latency_col = f"{ORT} latency (ms, batch {p['latency_batch_size']})"
         out.ort_throughput_col = f"{ORT} throughput (img/s, batch {p['measure_batch_size']})"
@@ -77,13 +80,14 @@ def run(p: dict) -> Summary:
     _judge(out)
     nan = float("nan")
     for row in out.rows:
-        name = row["model"]
+        name = out.timed[row["model"]]
         row[out.latency_col] = latency[PYTORCH, name]["latency_ms"]
         row[out.throughput_col] = speed[PYTORCH, name]["throughput_img_s"]
         if p["onnx"]:
             row[out.ort_latency_col] = latency[ORT, name]["latency_ms"] if (ORT, name) in latency else nan
             row[out.ort_throughput_col] = speed[ORT, name]["throughput_img_s"] if (ORT, name) in speed else nan
-    chosen = [name for name, group in table(out)["group"].items() if group in p["profile_groups"]]  # in table order
+    chosen = [name for name, group in table(out)["group"].items()  # in table order, one model per recipe
+              if group in p["profile_groups"] and out.timed[name] == name]
     cost = layer_times.event_cost() if chosen else 0.0  # the profiler's own cost per op, once for all models
     for name in (tqdm(chosen, desc="profiling layer by layer", disable=not p["progress"]) if chosen else []):
         out.profiles[name] = {b: layer_times.profile(out.models[name], b, p["profile_rounds"], repeats, cost=cost)
@@ -192,9 +196,14 @@ class _Reader:
             e["model"] = renamed.get(e["model"], e["model"])
         self.out.models = {renamed[k]: v for k, v in self.out.models.items()}
         self.out.correct = {renamed[k]: v for k, v in self.out.correct.items()}
+        first: dict[str, str] = {}
+        self.out.timed = {r["model"]: first.setdefault(r["recipe key"], r["model"]) for r in self.out.rows}
         if self.p["onnx"]:
             for row, (run, model, flip, logits) in zip(self.out.rows, self.pending):
-                self._export(run, model, row["model"], flip, logits, row)
+                if self.out.timed[row["model"]] == row["model"]:
+                    self._export(run, model, row["model"], flip, logits, row)
+                else:  # its recipe's file answers for it (the same operations): not exported again
+                    row[AGREEMENT], row["ONNX file (KB)"] = float("nan"), float("nan")
 
     def _export(self, run: runs.Run, model: nn.Module, name: str, flip: bool, logits, row: dict) -> None:
         """The model's ONNX file in its run folder (made once) and its agreement with the PyTorch model on the test
@@ -437,7 +446,7 @@ def onnx_table(s: Summary, p: dict) -> pd.DataFrame:
     model's against the threshold of its kind, and both engines' speed with their ratio (ONNX Runtime over
     eager PyTorch, the same model)."""
     rows, by_name = [], {row["model"]: row for row in s.rows}
-    for name in table(s).index:  # in the table's order
+    for name in [n for n in table(s).index if s.timed.get(n, n) == n]:  # in the table's order, one per recipe
         row, e = by_name[name], s.onnx.get(name)
         if e is None:
             rows.append({"model": name, "ONNX file": "not exported: " + s.onnx_errors.get(name, "onnx is off")})
@@ -467,6 +476,8 @@ def engine_speedups(s: Summary, df: pd.DataFrame) -> pd.DataFrame:
     ref, rows = df.iloc[0], []
     lat, thr = f"latency, batch {_batch(s.latency_col)}", f"throughput, batch {_batch(s.throughput_col)}"
     for name, r in df.dropna(subset=[s.ort_latency_col]).iterrows():
+        if s.timed.get(name, name) != name:
+            continue  # a replicate: its recipe's bars
         for engine, lat_col, thr_col in ((PYTORCH, s.latency_col, s.throughput_col),
                                          (ORT, s.ort_latency_col, s.ort_throughput_col)):
             rows += [{"model": name, "engine": engine, "measure": lat, "speed-up (×)": ref[s.latency_col] / r[lat_col]},
