@@ -237,7 +237,8 @@ STAGE: dict[str, Field] = {
     "calibration_images": _f(int, 1024, "training images (not augmented) that calibrate the activation ranges of "
                              "every post-training quantized model this stage makes (a chain's links included)",
                              low=1, high=50_000),
-    "speed_rounds": _f(int, 5, "rounds of interleaved CPU timing of the stage's models side by side at "
+    # 3: each speed-up is shown with the lowest and highest ratio of its rounds (06 times every model again)
+    "speed_rounds": _f(int, 3, "rounds of interleaved CPU timing of the stage's models side by side at "
                        "measure_batch_size (each model keeps the median of its batches)", low=1),
 }
 def check_distill(key: str, value: Any) -> dict[str, Any]:

@@ -143,17 +143,31 @@ def compare_speed(models: dict[str, nn.Module], batch_size: int = 128, rounds: i
     for name, t in times.items():
         latency = statistics.median(t)
         out[name] = {"latency_ms": latency, "throughput_img_s": batch_size / latency * 1e3, "batch_size": batch_size,
-                     "threads": torch.get_num_threads(), "speed_device": "cpu"}
+                     "threads": torch.get_num_threads(), "speed_device": "cpu", "rounds_ms": t}
     return out
 
 
-def speed_columns(speed: dict[str, dict], name: str, reference: str, mac_reduction: float) -> dict[str, float]:
-    """Table columns of model `name` from `compare_speed`'s result: throughput, speed-up over `reference`,
-    and how much of its MAC reduction the speed-up realizes."""
+def speedup(model: dict[str, Any], reference: dict[str, Any]) -> tuple[float, float, float]:
+    """How many times faster `model` ran than `reference` (two entries of one `compare_speed`, or two engines
+    timed in the same rounds): the median over the rounds of the ratio within each round (the two timed minutes
+    apart at most, under the same load), and the lowest and highest of those ratios — the spread a reader can
+    hold a speed-up to."""
+    ratios = [r / m for r, m in zip(reference["rounds_ms"], model["rounds_ms"])]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def spread_text(up: tuple[float, float, float]) -> str:
+    """A speed-up with its spread over the rounds: "1.52× (1.47–1.58)"; one round: no spread to give."""
+    return f"{up[0]:.2f}×" + (f" ({up[1]:.2f}–{up[2]:.2f})" if up[2] > up[1] else "")
+
+
+def speed_columns(speed: dict[str, dict], name: str, reference: str, mac_reduction: float) -> dict[str, Any]:
+    """Table columns of model `name` from `compare_speed`'s result: throughput, speed-up over `reference` timed in
+    the same rounds with its spread over them, and how much of its MAC reduction the speed-up realizes."""
     s = speed[name]
-    up = s["throughput_img_s"] / speed[reference]["throughput_img_s"]
-    return {f"CPU throughput (img/s, batch {s['batch_size']})": s["throughput_img_s"], "speed-up (×)": up,
-            "speed-up ÷ MAC reduction": up / mac_reduction}
+    up = speedup(s, speed[reference])
+    return {f"CPU throughput (img/s, batch {s['batch_size']})": s["throughput_img_s"], "speed-up (×)": up[0],
+            "speed-up over rounds (×)": spread_text(up), "speed-up ÷ MAC reduction": up[0] / mac_reduction}
 
 
 # ---------------------------------------------------------------- bit widths and the scores

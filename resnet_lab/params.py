@@ -192,8 +192,9 @@ SUMMARY: dict[str, Field] = {
     "speed_repeats": _f(int, 2, "timed batches per model and round at measure_batch_size", low=1),
     "latency_repeats": _f(int, 10, "timed batches per model and round at latency_batch_size", low=1),
     "profile_groups": Field(list, list(GROUPS),
-                            "groups of models whose CPU time is profiled layer by layer at both batch sizes "
-                            "(torch.profiler; profile_rounds rounds of speed_repeats / latency_repeats batches); [] = none",
+                            "groups of models whose CPU time is profiled layer by layer at both batch sizes, one "
+                            "model per technique within each (the first in the table: what explains a family's speed; "
+                            "torch.profiler, profile_rounds rounds of speed_repeats / latency_repeats batches); [] = none",
                             validator=lambda key, value: _subset(key, value, GROUPS)),
     "profile_rounds": _f(int, 1, "rounds of profiled forwards per model and batch size: the profile gives shares of the "
                          "time, not the speed-ups (those come from speed_rounds of unprofiled timing)", low=1),
@@ -243,14 +244,13 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         # replicates), so the sweep is what answers a question within the budget of 240 baseline epochs; the rest is
         # in params/bc.yaml, qat.yaml and the full profile.
         # BinaryConnect: Adam 0.003 (val 71.0%) ~ Adam 0.01 (70.8%) > SGD 0.05 (69.8%); 8 epochs (72.7%) ~ 15 (75.9%,
-        # p = 0.07: close; params/bc.yaml trains 15), with KD 8 (74.5%) ~ 15 (74.2%, p = 1.0). Distillation is shown
-        # on QAT W4A4 (the same α, T), whose 5 epochs cost less than BinaryConnect's 8.
+        # p = 0.07: close; params/bc.yaml trains 15, with and without KD: 8 (74.5%) ~ 15 (74.2%, p = 1.0)).
         epochs=8, lr=0.003,
         binaryconnect=[{"init": "pretrained", "layers": "inner", "mode": "deterministic", "scale": False}],
-        # QAT: W4A4 5 epochs (73.2%) ~ 10 (73.7%, p = 0.88); W4A4 + KD 5 (74.9%) ~ 10 (75.2%, p = 1.0). W8A8 (3
-        # epochs at 1e-4, val 74.7%) matched post-training INT8 (74.7%) on validation: params/qat.yaml trains it.
-        qat=[{"weight_bits": 4, "act_bits": 4, "epochs": 5, "lr": 0.001},
-             {"weight_bits": 4, "act_bits": 4, "epochs": 5, "lr": 0.001, "distill": {"alpha": 0.5, "temperature": 4.0}}]),
+        # QAT: W4A4 5 epochs (73.2%) ~ 10 (73.7%, p = 0.88). W8A8 (3 epochs at 1e-4, val 74.7%) matched post-training
+        # INT8 (74.7%) on validation; W4A4 + KD 5 (74.9%) ~ 10 (75.2%, p = 1.0): both in params/qat.yaml.
+        # Distillation is shown in 04, on structured 60% (5 epochs of a pruned student cost a third of QAT's).
+        qat=[{"weight_bits": 4, "act_bits": 4, "epochs": 5, "lr": 0.001}]),
     "svd": with_defaults(
         {**STAGE, **{k: f for k, f in FINETUNE.items() if k not in SVD_VARIANT}, **SVD}, **_FINETUNE_CPU,
         ranks=[0.5, 0.25, 0.125], then=["int8"], scratch_epochs=15,
@@ -261,19 +261,21 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         variants=[{"ranks": [0.5, 0.25]}]),
     "pruning": with_defaults(
         {**STAGE, **{k: f for k, f in FINETUNE.items() if k not in PRUNE_VARIANT}, **PRUNING}, **_FINETUNE_CPU,
-        speed_rounds=7,  # pruning's speed-ups are close to 1: a steadier median
         # unstructured, at L1 global 80%: Adam 3e-4 (val 72.5%) ~ 1e-4 (72.5%) ~ SGD 0.01 (72.2%) > Adam 1e-3 (71.7%)
         amounts=[0.8, 0.9], epochs=4, lr=0.0003, curve_amounts=[0.5, 0.7, 0.8, 0.9, 0.95],
         # structured: global ranking keeps more of the early layers than a per-layer ratio (val 69.3% at 2.16x fewer
         # MACs vs 67.1% at 2.12x); 60%: 5 epochs (70.0%) ~ 10 (70.5%, p = 0.86). Chains: structured -> QAT W4A4 at 4
         # bits everywhere: 52% of channels, the least pruning whose course score is <= 0.01 (0.0091; 60%: 0.0083),
         # beat 60% on validation (74.7% vs 70.8%, p = 0.03), at 5 epochs as 60% (5 ~ 10 there).
-        # On both baseline seeds (see 03's note): one unstructured amount, its FP16 chain, structured 60% and its INT8
-        # chain, the course-score chain; 90%, + KD, -> SVD -> INT8, -> BinaryConnect: params/pruning_full.yaml.
+        # On both baseline seeds (see 03's note): one unstructured amount, its FP16 chain, structured 60% with and
+        # without KD (5 ~ 10 epochs with KD too, p = 0.69) and its INT8 chain, the course-score chain; 90%,
+        # -> SVD -> INT8, -> BinaryConnect: params/pruning_full.yaml.
         variants=[
             {"method": "l1", "scope": "global", "amounts": [0.8]},
             {"method": "l1", "scope": "global", "amounts": [0.8], "then": ["fp16"]},
             {"method": "ln_structured", "scope": "global", "amounts": [0.6], "epochs": 5, "lr": 0.001},
+            {"method": "ln_structured", "scope": "global", "amounts": [0.6], "epochs": 5, "lr": 0.001,
+             "distill": {"alpha": 0.5, "temperature": 4.0}},
             {"method": "ln_structured", "scope": "global", "amounts": [0.6], "epochs": 5, "lr": 0.001, "then": ["int8"]},
             {"method": "ln_structured", "scope": "global", "amounts": [0.52], "epochs": 5, "lr": 0.001,
              "then": [{"qat": {"weight_bits": 4, "act_bits": 4, "first_last_bits": 4, "epochs": 5, "lr": 0.001}}]}]),

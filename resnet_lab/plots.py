@@ -1,6 +1,8 @@
 """Figures for the reports (seaborn on matplotlib): every one titled, with labelled axes and units."""
 from __future__ import annotations
 
+import html
+
 from typing import Sequence
 
 import matplotlib
@@ -220,14 +222,23 @@ def show_table(df: pd.DataFrame, formats: dict | None = None):
     """A table for the report: thousands separators, two decimals unless `formats` gives a column its own
     format (a format string such as "{:.4f}" or a function); a missing value is left blank (the baseline's own
     p-value); text columns read left-aligned. Every cell, index label and header is HTML-escaped: model names,
-    reasons and paths come from run files that people share. A pandas Styler, which renders as HTML."""
+    reasons and paths come from run files that people share. The index column stays in view when the table
+    scrolls sideways. A pandas Styler, which renders as HTML."""
     style = df.style.format(precision=2, thousands=",", na_rep="", escape="html")
     style = style.format_index(escape="html", axis=0).format_index(escape="html", axis=1)
     for col, fmt in (formats or {}).items():
         if col in df.columns:  # a column a table may lack (a seeds table of baselines only has no p-values)
             style = style.format(fmt, subset=[col], na_rep="", escape="html")
     text = [c for c in df.columns if df[c].dtype == object]
+    style = style.set_sticky(axis="index")  # the model's name stays in view while a wide table scrolls
     return style.set_properties(subset=text, **{"text-align": "left"}) if text else style
+
+
+def folded(table, title: str):
+    """A table (`show_table`'s Styler, its cells escaped) folded under a one-line title the reader opens."""
+    from IPython.display import HTML
+
+    return HTML(f"<details><summary>{html.escape(title)}</summary>{table.to_html()}</details>")
 
 
 def number(v: float) -> str:
@@ -236,10 +247,12 @@ def number(v: float) -> str:
 
 
 def pareto(df: pd.DataFrame, x: str, y: str, front: pd.Series, hue: str, title: str, xlabel: str, ylabel: str,
-           reference: str | None = None, floor: float | None = None, yerr: pd.DataFrame | None = None) -> plt.Figure:
+           reference: str | None = None, floor: float | None = None, yerr: pd.DataFrame | None = None,
+           threshold: float | None = None) -> plt.Figure:
     """Every model as a point (colour and marker: `hue`), the models on the Pareto front joined by a step line
     and named; dotted lines through the `reference` row (an index label) split the plane into better and
-    worse. The x axis is logarithmic when the costs span more than 10×. Models below `floor` on y are
+    worse, and a dashed line at `threshold` on y marks the accuracy a model must keep to compete (06's
+    `max_drop` below the baseline). The x axis is logarithmic when the costs span more than 10×. Models below `floor` on y are
     left out of the plot area and named in a note, so that they do not squash the rest. `yerr` (columns `low`,
     `high`, indexed like `df`) draws each point's interval on y as an error bar."""
     fig, ax = plt.subplots(figsize=(12, 6.5))
@@ -255,6 +268,8 @@ def pareto(df: pd.DataFrame, x: str, y: str, front: pd.Series, hue: str, title: 
     if reference is not None:
         ax.axvline(df.loc[reference, x], color="gray", linestyle=":", linewidth=1.2, label=reference)
         ax.axhline(df.loc[reference, y], color="gray", linestyle=":", linewidth=1.2)
+    if threshold is not None:
+        ax.axhline(threshold, color="firebrick", linestyle="--", linewidth=1, label=f"competes above ({threshold:.1f})")
     if df[x].max() > 10 * df[x].min():
         ax.set_xscale("log")
         xlabel += " (log scale)"

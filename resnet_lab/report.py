@@ -160,6 +160,9 @@ def _build(profile: str, out: Path, only: list[str] | None, overrides: dict[str,
         seconds = time.perf_counter() - t0
         if executed.is_file():
             render_html(executed, page)
+            for silent in silent_sections(executed) if not failure else []:
+                print(f"[report] {name}: section '{silent}' builds a table or figure and shows none",
+                      file=sys.stderr, flush=True)
         done.append({**entry, "seconds": seconds, "built_in": seconds, "skipped": False, "failed": bool(failure),
                      "provenance": now,
                      "headline": read_output(executed, HEADLINE_KEY) if executed.is_file() else None,
@@ -208,6 +211,9 @@ def _text(value: Any) -> str | None:
 
 
 def render_html(notebook: Path, target: Path) -> Path:
+    """The reader's page `target` and, beside it, the full one (`code_page`). The reader's shows what the notebook
+    found: the parameters that ran, every output, long logs folded, no code and no warnings; the full page keeps
+    the code and everything it printed, and the reader's links to it."""
     import nbformat
     from nbconvert import HTMLExporter
 
@@ -215,9 +221,52 @@ def render_html(notebook: Path, target: Path) -> Path:
     tags = [set(c.metadata.get("tags", [])) for c in nb.cells]
     if any("injected-parameters" in t for t in tags):  # show the parameters that ran, not the defaults too
         nb.cells = [c for c, t in zip(nb.cells, tags) if "parameters" not in t]
+    full = code_page(target)
     exporter = HTMLExporter(template_name="lab", exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(nb)
-    return write_text(target, body)
+    write_text(full, exporter.from_notebook_node(nb)[0])
+    reader = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    return write_text(target, reader.from_notebook_node(_for_readers(nb, full.name))[0])
+
+
+def code_page(page: Path) -> Path:
+    """The full version of a report page (its code and everything it printed): `06_summary.code.html`."""
+    return page.with_name(page.stem + ".code.html")
+
+
+LOG_LINES = 12  # a printed log longer than this is folded in the reader's page (01's epoch lines, tqdm's last bars)
+
+
+def _for_readers(nb, full: str):
+    """The notebook as a reader's page shows it (its code inputs are left out by the exporter): the parameters that
+    ran as text, warnings (stderr) left to the full page, a long printed log folded under its first line, and a link
+    to the full page on top."""
+    import copy
+
+    import nbformat
+
+    nb = copy.deepcopy(nb)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            nb.cells[i] = nbformat.v4.new_markdown_cell("<details><summary>Parameters that ran</summary>\n<pre>"
+                                                        + html.escape(cell.source) + "</pre></details>")
+            continue
+        outputs = []
+        for o in cell.get("outputs", []):
+            if o.output_type == "stream" and o.name == "stderr":
+                continue
+            if o.output_type == "stream" and o.text.count("\n") > LOG_LINES:
+                lines = o.text.rstrip("\n").split("\n")
+                o = nbformat.v4.new_output("display_data", data={"text/html": (
+                    f"<details class=log><summary>{html.escape(lines[0])} … ({len(lines)} lines; open to read)</summary>"
+                    f"<pre>{html.escape(o.text)}</pre></details>")})
+            outputs.append(o)
+        cell.outputs = outputs
+    link = nbformat.v4.new_markdown_cell(f"<small>This page shows what the notebook found. "
+                                         f"[The same report with its code and everything it printed]({full}).</small>")
+    nb.cells.insert(0, link)
+    return nb
 
 
 def _clean_streams(nb):
@@ -232,6 +281,27 @@ def _clean_streams(nb):
             cell.outputs = [o for o in cell.outputs if o.output_type != "stream" or o.text.strip()]
     nb, _ = merge.preprocess(nb, {})
     return nb
+
+
+def silent_sections(notebook: Path) -> list[str]:
+    """The sections (`##`/`###` headings) of an executed notebook whose code calls `plots` (a table or a figure)
+    and that show neither: a table that is not its cell's last expression, nor passed to `display`, renders
+    nothing and raises nothing (06's "Does each technique beat the baseline?" showed only its sentence)."""
+    import re
+
+    import nbformat
+
+    sections: list[list] = [["(top)", "", False]]  # heading, its code, whether it shows a table or a figure
+    for cell in nbformat.read(notebook, as_version=4).cells:
+        heading = re.search(r"^#{2,3} +(.+)$", cell.source, re.M) if cell.cell_type == "markdown" else None
+        if heading:
+            sections.append([heading.group(1).strip(), "", False])
+        if cell.cell_type == "code":
+            sections[-1][1] += cell.source + "\n"
+            for o in cell.get("outputs", []):
+                data = o.get("data", {})
+                sections[-1][2] |= "<table" in str(data.get("text/html", "")) or "image/png" in data
+    return [heading for heading, code, shown in sections if re.search(r"\bplots\.\w+\(", code) and not shown]
 
 
 def read_output(notebook: Path, key: str) -> Any:
@@ -313,7 +383,8 @@ def write_index(path: Path, entries: list[dict], profile: str, built: dict[str, 
     which commit and on which machine."""
     built = built or provenance(profile)
     rows = "\n".join(
-        f"<tr><td><a href='{html.escape(e['name'])}.html'>{html.escape(e['name'])}</a></td>"
+        f"<tr><td><a href='{html.escape(e['name'])}.html'>{html.escape(e['name'])}</a> "
+        f"· <a class=code href='{html.escape(e['name'])}.code.html'>with code</a></td>"
         f"<td>{'<b class=fail>FAILED</b> ' if e['failed'] else ''}{html.escape(e['headline'] or '')}</td>"
         f"<td>{_code(e.get('profile'), UNKNOWN)}</td><td>{_code(e.get('params'), '<i>unknown</i>', 'params/')}</td>"
         f"<td class=num>{_took(e)}{_built_where(e, built)}</td></tr>"
@@ -343,7 +414,7 @@ dl.provenance dt {{ font-weight: 600; }} dl.provenance dd {{ margin: 0; }}
 </dl>
 <p>The figures of the reports this build executed were measured then, on that machine, from that commit; a row
 that an earlier build measured says when, at which commit and, if elsewhere, on which machine.
-{summary}. Each report is a notebook executed by papermill; its parameters are in the first cells.</p>
+{summary}. Each report is a notebook executed by papermill: its page shows what it found (the parameters that ran at the top), and "with code" is the same page with its code and everything it printed.</p>
 <table><thead><tr><th>report</th><th>result</th><th>profile</th><th>parameters</th><th>run time</th></tr></thead>
 <tbody>
 {rows}

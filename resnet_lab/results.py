@@ -218,7 +218,7 @@ def resolution(v: Verdicts, replicates: tuple[int, ...] = (2, 3, 4, 6, 8)) -> pd
 
 def seeds_table(rows: list[Row], verdicts: Verdicts, fields: Callable[[Row], dict] = lambda r: {}) -> pd.DataFrame:
     """One row per recipe made on two or more seeds (the baseline's replicates, and each recipe made from them),
-    named by its first model: mean ± sd of its test accuracy over the seeds, of its Δ (each against its own
+    named by its model from the reference baseline: mean ± sd of its test accuracy over the seeds, of its Δ (each against its own
     baseline), the recipe's p (pooled Δ spread, adjusted) and verdict. `fields`: columns of the first member to show
     beside. Empty when nothing has two seeds."""
     import pandas as pd
@@ -226,6 +226,7 @@ def seeds_table(rows: list[Row], verdicts: Verdicts, fields: Callable[[Row], dic
     by_name = {r.name: r for r in rows}
     out, seen = [], set()
     base = [r for r in rows if r.is_seed_baseline]
+    reference = base[0].replicate if base else None
     if len(base) >= 2:
         a = stats.spread([r.test_acc for r in base])
         out.append({"model": base[0].name, "group": base[0].group, "technique": base[0].technique, **fields(base[0]),
@@ -235,7 +236,8 @@ def seeds_table(rows: list[Row], verdicts: Verdicts, fields: Callable[[Row], dic
         if rec is None or rec.n < 2 or id(rec) in seen:
             continue
         seen.add(id(rec))
-        members = [by_name[m] for m in rec.members]
+        # named by the member made from the reference baseline (then the lowest seed), as the tables name it
+        members = sorted((by_name[m] for m in rec.members), key=lambda m: (m.replicate != reference, m.replicate or 0))
         a, d = stats.spread(rec.accs), stats.spread(rec.deltas)
         out.append({"model": members[0].name, "group": members[0].group, "technique": members[0].technique,
                     **fields(members[0]), "seeds": ", ".join(str(m.replicate) for m in members), "n": rec.n,

@@ -44,6 +44,15 @@ class RunStoreError(RuntimeError):
     """A run or file in the store is missing or unreadable; the message says which and why."""
 
 
+def shown(path: str | os.PathLike) -> str:
+    """A path as a report shows it: relative to the repository root when it lies inside it (a report names no
+    folder of the machine it was built on), else as given."""
+    try:
+        return str(Path(path).relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def resolve(path: str | os.PathLike) -> Path:
     """Relative paths are taken from the repository root, so notebooks work from any folder."""
     p = Path(path).expanduser()
@@ -298,11 +307,7 @@ class Run:
         return f"Run({self.stage}/{self.key}{', done' if self.done else ''})"
 
     def __str__(self) -> str:
-        """The run folder, relative to the repository root when it lies inside it."""
-        try:
-            return str(self.dir.relative_to(PROJECT_ROOT))
-        except ValueError:
-            return str(self.dir)
+        return shown(self.dir)
 
     def path(self, name: str) -> Path:
         return self.dir / name

@@ -51,6 +51,8 @@ class Summary:
     # model name -> the model its speed is timed on and its ONNX file made for: the first of its recipe (a
     # replicate on another baseline seed computes the same operations: `steps.Result.timed_as`)
     timed: dict[str, str] = field(default_factory=dict)
+    # (engine, timed model name, "throughput" or "latency") -> its `metrics.compare_speed` entry (rounds included)
+    timings: dict[tuple[str, str, str], dict] = field(default_factory=dict)
     ort_latency_col: str = ""
     ort_throughput_col: str = ""
 
@@ -77,6 +79,7 @@ def run(p: dict) -> Summary:
         engines |= {(ORT, name): export.OrtModel(e.path) for name, e in out.onnx.items()}
     speed = metrics.compare_speed(engines, p["measure_batch_size"], rounds=p["speed_rounds"], repeats=p["speed_repeats"])
     latency = metrics.compare_speed(engines, p["latency_batch_size"], rounds=p["speed_rounds"], repeats=p["latency_repeats"])
+    out.timings = {(e, n, kind): t[e, n] for kind, t in (("throughput", speed), ("latency", latency)) for e, n in t}
     _judge(out)
     nan = float("nan")
     for row in out.rows:
@@ -86,8 +89,9 @@ def run(p: dict) -> Summary:
         if p["onnx"]:
             row[out.ort_latency_col] = latency[ORT, name]["latency_ms"] if (ORT, name) in latency else nan
             row[out.ort_throughput_col] = speed[ORT, name]["throughput_img_s"] if (ORT, name) in speed else nan
-    chosen = [name for name, group in table(out)["group"].items()  # in table order, one model per recipe
-              if group in p["profile_groups"] and out.timed[name] == name]
+    shown = table(out)  # in table order: the first timed model of each technique within each group of `profile_groups`
+    shown = shown[shown.index.map(lambda n: out.timed[n] == n) & shown["group"].isin(p["profile_groups"])]
+    chosen = list(shown.groupby(["group", "technique"], sort=False).head(1).index)
     cost = layer_times.event_cost() if chosen else 0.0  # the profiler's own cost per op, once for all models
     for name in (tqdm(chosen, desc="profiling layer by layer", disable=not p["progress"]) if chosen else []):
         out.profiles[name] = {b: layer_times.profile(out.models[name], b, p["profile_rounds"], repeats, cost=cost)
@@ -196,8 +200,10 @@ class _Reader:
             e["model"] = renamed.get(e["model"], e["model"])
         self.out.models = {renamed[k]: v for k, v in self.out.models.items()}
         self.out.correct = {renamed[k]: v for k, v in self.out.correct.items()}
-        first: dict[str, str] = {}
-        self.out.timed = {r["model"]: first.setdefault(r["recipe key"], r["model"]) for r in self.out.rows}
+        first: dict[str, str] = {}  # its recipe's model from the reference baseline, else the first read
+        for r in sorted(self.out.rows, key=lambda r: r["origin"] != self.base.run.key):
+            first.setdefault(r["recipe key"], r["model"])
+        self.out.timed = {r["model"]: first[r["recipe key"]] for r in self.out.rows}
         if self.p["onnx"]:
             for row, (run, model, flip, logits) in zip(self.out.rows, self.pending):
                 if self.out.timed[row["model"]] == row["model"]:
@@ -254,7 +260,10 @@ def table(s: Summary) -> pd.DataFrame:
     cols += [s.ort_latency_col, s.ort_throughput_col, AGREEMENT, "ONNX file (KB)"] if s.ort_latency_col else []
     cols += ["course score", "MicroNet score"]
     df = pd.DataFrame(s.rows).set_index("model")
-    return df.sort_values("group", key=lambda g: g.map(GROUPS.index), kind="stable")[cols]
+    first = {name: i for i, name in reversed(list(enumerate(s.timed.get(n, n) for n in df.index)))}
+    order = pd.DataFrame({"group": df["group"].map(GROUPS.index), "recipe": [first[s.timed.get(n, n)] for n in df.index],
+                          "seed": [n != s.timed.get(n, n) for n in df.index]}, index=df.index)
+    return df.loc[order.sort_values(["group", "recipe", "seed"], kind="stable").index, cols]  # replicates together
 
 
 def intervals(s: Summary) -> pd.DataFrame:
@@ -452,7 +461,7 @@ def onnx_table(s: Summary, p: dict) -> pd.DataFrame:
             rows.append({"model": name, "ONNX file": "not exported: " + s.onnx_errors.get(name, "onnx is off")})
             continue
         need = _required(e, p)
-        rows.append({"model": name, "ONNX file": str(e.path), "graph": "quantized (QDQ)" if e.quantized else "float32",
+        rows.append({"model": name, "ONNX file": runs.shown(e.path), "graph": "quantized (QDQ)" if e.quantized else "float32",
                      "file (KB)": e.size_kb, AGREEMENT: e.agreement, "required (%)": need,
                      STABILITY: e.stability if e.stability is not None else float("nan"),
                      "check": "ok" if e.agreement >= need else f"FLAGGED: below {need:g}%",
@@ -493,7 +502,7 @@ def flagged(s: Summary, p: dict) -> list[str]:
         need = _required(e, p)
         if e.agreement < need:
             out.append(f"{name}: its ONNX file agrees with the PyTorch model on {e.agreement:.2f}% of the "
-                       f"{e.images} test images, below {need:g}% ({e.path})"
+                       f"{e.images} test images, below {need:g}% ({runs.shown(e.path)})"
                        + (f"; the PyTorch model itself keeps its prediction on {e.stability:.2f}% of them when its "
                           f"input moves by noise of {export.NOISE_LEVELS:g} pixel levels, so its integer rounding, which "
                           "ONNX Runtime's kernels do differently, decides the rest" if e.stability is not None else ""))
@@ -605,19 +614,99 @@ def seeds_table(s: Summary) -> pd.DataFrame:
     return results.seeds_table(_rows(s), s.verdicts)
 
 
+def fastest(s: Summary, df: pd.DataFrame) -> pd.DataFrame:
+    """Per model: its throughput (measure batch) and latency (latency batch) in the faster of the engines it was
+    timed in (eager PyTorch; ONNX Runtime when exported), and which engine that is."""
+    engines = [(PYTORCH, s.throughput_col, s.latency_col)] + (
+        [(ORT, s.ort_throughput_col, s.ort_latency_col)] if s.ort_latency_col else [])
+    thr = pd.DataFrame({e: df[t] for e, t, _ in engines})
+    lat = pd.DataFrame({e: df[l] for e, _, l in engines})
+    return pd.DataFrame({"throughput": thr.max(axis=1), "throughput engine": thr.idxmax(axis=1),
+                         "latency": lat.min(axis=1), "latency engine": lat.idxmin(axis=1)}, index=df.index)
+
+
+def main_table(s: Summary, df: pd.DataFrame) -> pd.DataFrame:
+    """06's table that fits a screen (the rest of each row is in `table`, shown folded below it): accuracy with its
+    interval, Δ with both verdicts, the course score, the file size, and each speed-up over the eager PyTorch
+    baseline timed in the same rounds (median, lowest–highest over the rounds), in the model's faster engine."""
+    fast, ref = fastest(s, df), s.timed[df.index[0]]
+    short = {PYTORCH: "PyTorch", ORT: "ORT"}
+
+    def up(name: str, kind: str) -> str:
+        engine = fast.loc[name, f"{kind} engine"]
+        ratio = metrics.speedup(s.timings[engine, s.timed[name], kind], s.timings[PYTORCH, ref, kind])
+        return f"{metrics.spread_text(ratio)} {short.get(engine, engine)}"
+
+    return pd.DataFrame({
+        "test accuracy (%, 95% interval)": [f"{a:.2f} ({ci})" for a, ci in zip(df[ACC], df[ACC_CI])],
+        "Δ (pt)": df[DELTA], "verdict, these images": df[steps.IMAGES], "verdict, recipe over seeds": df[steps.RECIPE],
+        "course score": df["course score"], "size (KB)": df[SIZE],
+        f"speed-up, batch {_batch(s.throughput_col)}": [up(n, "throughput") for n in df.index],
+        f"speed-up, batch {_batch(s.latency_col)}": [up(n, "latency") for n in df.index]}, index=df.index)
+
+
+def answers(s: Summary, df: pd.DataFrame, max_drop: float) -> list[dict[str, Any]]:
+    """The best model per criterion among those that compete on cost (`competing`: within `max_drop` of their
+    baseline and not found worse), each with its value, how it compares with the baseline (a speed: the ratio to
+    the eager PyTorch baseline timed in the same rounds, with its spread over them, in the model's faster engine),
+    its accuracy cost with the verdict it rests on, and the best model of another recipe (a replicate of the winner
+    is the same recipe). What 06's answer box and the index's line both say, from the same filter."""
+    close, ref = competing(df, max_drop), df.iloc[0]
+    fast = fastest(s, df)
+    table = close.assign(**{"throughput": fast["throughput"], "latency": fast["latency"]})
+    out = []
+    for criterion, col, higher, fmt in (
+            ("lowest course score", "course score", False, "{:.4f}"), ("smallest file", SIZE, False, "{:,.0f} KB"),
+            (f"highest throughput at batch {_batch(s.throughput_col)}", "throughput", True, "{:,.0f} img/s"),
+            (f"lowest latency at batch {_batch(s.latency_col)}", "latency", False, "{:.2f} ms")):
+        pool = table.dropna(subset=[col])
+        pool = pool[[s.timed.get(n, n) == n for n in pool.index]]  # a recipe by its model from the reference seed
+        if pool.empty:
+            continue
+        win = pool[col].idxmax() if higher else pool[col].idxmin()
+        engine = fast.loc[win, f"{col} engine"] if col in ("throughput", "latency") else None
+        if engine:
+            up = metrics.speedup(s.timings[engine, s.timed[win], col], s.timings[PYTORCH, s.timed[df.index[0]], col])
+            compared = f"{metrics.spread_text(up)} the eager PyTorch baseline, in {engine}"
+        else:
+            compared = f"{ref[col] / pool.loc[win, col]:.2f}× {'smaller' if col == SIZE else 'lower'}"
+        others = pool.drop(index=win)
+        second = (others[col].idxmax() if higher else others[col].idxmin()) if len(others) else None
+        out.append({"criterion": criterion, "model": win, "value": fmt.format(pool.loc[win, col]), "compared": compared,
+                    "delta": df.loc[win, DELTA], "verdict": _verdict(df, win) if VERDICT in df else "not judged",
+                    "runner-up": second, "runner-up value": fmt.format(pool.loc[second, col]) if second else None})
+    return out
+
+
+def answer(s: Summary, df: pd.DataFrame, max_drop: float, target: float) -> str:
+    """06's first words (Markdown, computed): the baseline with its interval and spread over seeds; the best
+    model per criterion among those that compete on cost (`answers`), with its accuracy cost, verdict and
+    runner-up; whether a model is detectably more accurate; how many are worse; the course target."""
+    ref, b = df.iloc[0], s.verdicts.spread
+    seeds = f"{b.mean:.2f} ± {b.sd:.2f}% over its {b.n} training seeds" if b.n > 1 else "one training seed"
+    best = [f"- {a['criterion']}: **{a['model']}**, {a['value']} ({a['compared']}), {a['delta']:+.2f} pt "
+            f"({a['verdict']})" + (f"; next recipe: {a['runner-up']} ({a['runner-up value']})" if a["runner-up"] else "")
+            for a in answers(s, df, max_drop)]
+    sentence = most_accurate(df)
+    return "\n".join([
+        f"**Baseline**: {ref[ACC]:.2f}% test accuracy (95% interval {ref[ACC_CI]}%; {seeds}).", "",
+        f"**Best per criterion** among the {len(competing(df, max_drop))} of {len(df)} models within {max_drop:g} pt "
+        "of their baseline and not found worse (`max_drop`; a verdict from *these images* is the paired test on the "
+        "test images, one from a *recipe* is over training seeds):", "", *best,
+        f"- accuracy: {sentence}." if sentence else "- accuracy: not judged.", "",
+        f"**Worse than their baseline**: {_worse(df)}.  ", f"**Course target**: {course_target(s, df, target)}"])
+
+
 def headline(s: Summary, df: pd.DataFrame, max_drop: float) -> str:
-    close = competing(df, max_drop)
-    small, score = close[SIZE].idxmin(), close["course score"].idxmin()
-    bad = unusable(s)
-    worse = _worse(df)
+    """The index's line: the baseline, then the answer box's winners (`answers`) with the same filter, stated."""
     b = s.verdicts.spread
     spread = f" ({b.mean:.1f} ± {b.sd:.1f}% over {b.n} training seeds)" if b.n > 1 else " (one seed)"
+    bad = unusable(s)
+    best = "; ".join(f"{a['criterion']} {a['model']} ({a['value']}, {a['compared']}, {a['delta']:+.2f} pt: "
+                     f"{a['verdict']})" for a in answers(s, df, max_drop))
     return (f"{len(df)} models re-measured side by side; baseline {df.iloc[0][ACC]:.1f}%{spread}. Within {max_drop:g} pt "
-            f"and not found worse: smallest {small} ({df.loc[small, SIZE]:,.0f} KB, "
-            f"{df.iloc[0][SIZE] / df.loc[small, SIZE]:.1f}× smaller, {df.loc[small, DELTA]:+.2f} pt: "
-            f"{_verdict(df, small) if VERDICT in df else 'not judged'}), lowest course score {score} "
-            f"({df.loc[score, 'course score']:.3f}); {worse}; {most_accurate(df)}"
-            + _deployed(s, close) + (f"; {len(bad)} unusable runs listed" if bad else ""))
+            f"of their baseline and not found worse: {best}; {_worse(df)}; {most_accurate(df)}"
+            + (f"; {len(bad)} unusable runs listed" if bad else ""))
 
 
 def _verdict(df: pd.DataFrame, name: str) -> str:
@@ -633,11 +722,3 @@ def _worse(df: pd.DataFrame) -> str:
     return (f"{len(worse)} model(s) worse than their baseline ({by_recipe} as a recipe over seeds, "
             f"{len(worse) - by_recipe} on these test images only)")
 
-
-def _deployed(s: Summary, close: pd.DataFrame) -> str:
-    pool = close.dropna(subset=[s.ort_latency_col]) if s.ort_latency_col else close.iloc[0:0]
-    if pool.empty:
-        return ""
-    fast, base = pool[s.ort_latency_col].idxmin(), s.rows[0]
-    return (f"; in ONNX Runtime {fast} answers a batch of {_batch(s.latency_col)} "
-            f"{base[s.latency_col] / pool.loc[fast, s.ort_latency_col]:.1f}× faster than the eager PyTorch baseline")

@@ -315,7 +315,7 @@ def test_stage_prunes_every_variant_then_reuses_them(smoke_store, monkeypatch):
     table = pruning.table(result, speed)
     assert table.loc["baseline (FP32, width 8)", steps.SPEEDUP] == 1.0
     assert set(pruning.score_inputs(result).columns) >= {"p_s", "p_u", "q_w (bits)", "q_a (bits)", "w", "f"}
-    assert "best course score" in pruning.headline(table)
+    assert "lowest course score within 2 pt and not found worse" in pruning.headline(table)
     assert pruning.sensitivity_table(result).shape == (len(sens["layers"]), 2)
     pruned_rows = sum(r["technique"] == "prune" for r in result.rows())
     assert len(pruning.curve_table(result)) == len(result.extras["curves"]) + pruned_rows

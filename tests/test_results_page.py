@@ -55,7 +55,7 @@ def test_the_index_opens_with_the_commit_the_cpu_and_the_profile(tmp_path):
     assert header["profile"] == "<code>smoke</code>"
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d.*", header["built"])
     # the rows are still the reports: the header adds no row, no link
-    assert re.findall(r"href='([^']+)'", page) == ["01_baseline.html"]
+    assert re.findall(r"href='([^']+)'", page) == ["01_baseline.html", "01_baseline.code.html"]
     assert len(re.findall(r"<tr><td>", page)) == 1
 
 
@@ -132,3 +132,39 @@ def test_make_reports_build_stamps_each_report_with_its_provenance(tmp_path, mon
     again = (out / "index.html").read_text()
     assert f"measured {report.escape(stamp['built'])} at commit <code>{report.escape(stamp['commit'])}</code>" in again
     assert _header(again)["profile"] == "<code>smoke</code>"
+
+
+# ---------------------------------------------------------------- the reader's page (issue 33, items 4 and 6)
+def _executed(tmp_path, show_table: bool):
+    """An executed notebook shaped like 06's "Does each technique beat the baseline?" section at 36ae41b: a table
+    built, then a sentence displayed; `show_table` says whether the table reached the outputs."""
+    table = nbformat.v4.new_output("display_data", data={"text/html": "<table><tr><td>1</td></tr></table>"})
+    sentence = nbformat.v4.new_output("display_data", data={"text/markdown": "No model is detectably better."})
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("run_root = '<script>alert(1)</script>'", metadata={"tags": ["injected-parameters"]}),
+        nbformat.v4.new_markdown_cell("## Does each technique beat the baseline?\nFor each group ..."),
+        nbformat.v4.new_code_cell("plots.show_table(summary.beats_baseline(s, df))\ndisplay(Markdown(sentence))",
+                                  outputs=([table] if show_table else []) + [sentence]),
+        nbformat.v4.new_markdown_cell("## Training"),
+        nbformat.v4.new_code_cell("train(p)", outputs=[
+            nbformat.v4.new_output("stream", name="stdout", text="".join(f"epoch {i}: loss 1.0\n" for i in range(40))),
+            nbformat.v4.new_output("stream", name="stderr", text="UserWarning: something internal\n")])])
+    path = tmp_path / "06_summary.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_a_section_that_builds_a_table_and_shows_none_is_named(tmp_path):
+    assert report.silent_sections(_executed(tmp_path, show_table=False)) == ["Does each technique beat the baseline?"]
+    assert report.silent_sections(_executed(tmp_path, show_table=True)) == []
+
+
+def test_the_readers_page_shows_findings_and_the_code_page_everything(tmp_path):
+    page = report.render_html(_executed(tmp_path, show_table=True), tmp_path / "06_summary.html")
+    reader, full = page.read_text(), report.code_page(page).read_text()
+    assert "beats_baseline" not in reader and "beats_baseline" in full  # code only on the full page
+    assert "UserWarning" not in reader and "UserWarning" in full  # warnings only on the full page
+    assert "Parameters that ran" in reader and "run_root = '&lt;script&gt;alert(1)&lt;/script&gt;'" in reader
+    assert "epoch 0: loss 1.0 … (40 lines; open to read)</summary>" in reader  # the log folded, kept
+    assert "epoch 39: loss 1.0" in reader and "<table>" in reader
+    assert "href=\"06_summary.code.html\"" in reader

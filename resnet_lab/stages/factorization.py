@@ -45,7 +45,7 @@ def run(p: dict[str, Any]) -> steps.Result:
 
 COLUMNS = ["layers factorized", "left alone", steps.PARAMS, "compression (× fewer params)", steps.MACS,
            steps.MAC_REDUCTION, steps.SIZE, steps.BEFORE, steps.ACC, steps.ACC_CI, steps.VAL, steps.DELTA, steps.IMAGES, steps.RECIPE, steps.THROUGHPUT,
-           steps.SPEEDUP, steps.SPEEDUP_PER_MAC, steps.TRAIN_TIME]
+           steps.SPEEDUP_SPREAD, steps.SPEEDUP_PER_MAC, steps.TRAIN_TIME]
 
 
 def table(result: steps.Result, speed: dict[str, dict] | None = None) -> pd.DataFrame:

@@ -49,7 +49,7 @@ def _one_chain(p: dict[str, Any]) -> list[list[steps.Link]]:
 
 
 COLUMNS = [steps.BITS, steps.ACC, steps.ACC_CI, steps.VAL, steps.DELTA_PARENT, steps.DELTA, steps.IMAGES, steps.RECIPE, steps.PARAMS, steps.MACS, steps.SIZE,
-           steps.SIZE_RATIO, steps.THROUGHPUT, steps.SPEEDUP, steps.COURSE, steps.MICRONET]
+           steps.SIZE_RATIO, steps.THROUGHPUT, steps.SPEEDUP_SPREAD, steps.COURSE, steps.MICRONET]
 
 
 def histories(result: steps.Result, technique: str) -> dict[str, list[dict]]:
