@@ -7,7 +7,7 @@
 - `judge`: each model's Δ against the baseline it was made from, its 95% interval, and two verdicts (`stats`):
   **these images** (McNemar's exact test against that baseline, Benjamini–Hochberg over the table) and **the
   recipe, over seeds** (the Δs of the recipe's replicates, each against its own baseline, read against the Δ
-  spread pooled over the table's recipes; BH over the recipes); `noise`: both in words.
+  spread pooled over the recipes of its stage, `Row.pool`; BH over those recipes); `noise`: both in words.
 - `seeds_table`: each recipe made on two or more seeds, over its seeds.
 """
 from __future__ import annotations
@@ -42,6 +42,7 @@ class Row:
     test_acc: float
     correct: np.ndarray | None  # per test image: predicted right (None: a run stored before predictions were)
     recipe: str = ""  # `recipe_key`
+    pool: str = ""  # the recipes whose Δ spreads are pooled together: the stage that made it (06 reads several)
 
     @property
     def is_seed_baseline(self) -> bool:
@@ -88,11 +89,27 @@ class Judged:
 class Verdicts:
     rows: dict[str, Judged]
     spread: stats.Spread  # the reference baseline's test accuracy over its training seeds
-    sd: float  # the Δ spread pooled over the replicated recipes (pt; nan: none replicated)
-    df: int  # its degrees of freedom
+    # pool (`Row.pool`) -> the Δ spread pooled over its replicated recipes (pt; nan: none replicated) and its df
+    pools: dict[str, tuple[float, int]]
 
     def __getitem__(self, name: str) -> Judged:
         return self.rows[name]
+
+    @property
+    def df(self) -> int:
+        return sum(df for _, df in self.pools.values())
+
+    @property
+    def sd(self) -> float:
+        """The Δ spread of the one pool that has degrees of freedom (nan when none has, or several do)."""
+        measured = [sd for sd, df in self.pools.values() if df]
+        return measured[0] if len(measured) == 1 else float("nan")
+
+    def spreads(self) -> str:
+        """The pooled Δ spreads in words: "sd 0.21 pt on 4 degrees of freedom", per pool where there are several."""
+        measured = {k: v for k, v in self.pools.items() if v[1]}
+        return "; ".join((f"{k}: " if len(measured) > 1 else "") + f"sd {sd:.2f} pt on {df} degrees of freedom"
+                         for k, (sd, df) in measured.items())
 
 
 def names(entries: list[tuple[str, str, str, int | None, int | None]], reference: str) -> list[str]:
@@ -147,8 +164,9 @@ def judge(rows: list[Row], baselines: list[Row], seed_accs: list[float] | None =
     """Every row's Δ, interval and both verdicts. `baselines`: the reference baseline first, then its replicates
     (other training seeds) — a model is judged against the one it descends from (the reference when it is not
     among them), paired image by image; a baseline of the reference's seeds is a reference itself. Models sharing
-    a recipe key and made from the seeds' baselines are one recipe's replicates. `seed_accs`: the reference
-    recipe's test accuracies over its seeds (default: the `baselines`'), reported, never a verdict's noise."""
+    a recipe key and made from the seeds' baselines are one recipe's replicates; recipes of one `Row.pool` share
+    their pooled Δ spread and their adjustment. `seed_accs`: the reference recipe's test accuracies over its seeds
+    (default: the `baselines`'), reported, never a verdict's noise."""
     reference = baselines[0]
     seeds = {b.origin: b for b in baselines}
 
@@ -163,14 +181,20 @@ def judge(rows: list[Row], baselines: list[Row], seed_accs: list[float] | None =
         if against(r) is not None and r.replicate is not None:
             groups.setdefault(r.recipe, []).append(r)
     delta = {r.name: r.test_acc - (against(r) or reference).test_acc for r in rows}
-    sd, df = stats.pooled_sd([[delta[m.name] for m in g] for g in groups.values()])
-    ps = {k: stats.recipe_p([delta[m.name] for m in g], sd, df) for k, g in groups.items()}
-    tested = [k for k, p in ps.items() if not np.isnan(p)]
-    ps |= dict(zip(tested, stats.adjusted([ps[k] for k in tested])))
+    # each pool (the stage that made the recipes: its table) on its own spread, adjusted over its own recipes, so that
+    # 06 says of a model what its stage said (a family's Δ spread is its own: on the default store of 2026-12-08, INT8
+    # 0.4 pt, unstructured 80% 1.3 pt, docs/statistics.md)
+    pools, ps = {}, {}
+    for pool in dict.fromkeys(g[0].pool for g in groups.values()):
+        mine = {k: g for k, g in groups.items() if g[0].pool == pool}
+        sd, df = pools[pool] = stats.pooled_sd([[delta[m.name] for m in g] for g in mine.values()])
+        raw = {k: stats.recipe_p([delta[m.name] for m in g], sd, df) for k, g in mine.items()}
+        tested = [k for k, p in raw.items() if not np.isnan(p)]
+        ps |= raw | dict(zip(tested, stats.adjusted([raw[k] for k in tested])))
     recipes = {}
     for k, g in groups.items():
         ds = [delta[m.name] for m in g]
-        verdict = stats.signed(ps[k], float(np.mean(ds))) if k in tested else stats.NEEDS
+        verdict = stats.signed(ps[k], float(np.mean(ds))) if not np.isnan(ps[k]) else stats.NEEDS
         recipes[k] = Recipe([m.name for m in g], [m.test_acc for m in g], ds, ps[k], verdict)
     out = {}
     for r in rows:
@@ -180,7 +204,7 @@ def judge(rows: list[Row], baselines: list[Row], seed_accs: list[float] | None =
         else:
             p, images = tests.get(r.name, (None, None))
         out[r.name] = Judged(delta[r.name], interval, p, images, recipes.get(r.recipe) if against(r) else None)
-    return Verdicts(out, stats.spread(seed_accs or [b.test_acc for b in baselines]), sd, df)
+    return Verdicts(out, stats.spread(seed_accs or [b.test_acc for b in baselines]), pools or {"": (float("nan"), 0)})
 
 
 def noise(v: Verdicts) -> str:
@@ -192,8 +216,8 @@ def noise(v: Verdicts) -> str:
             "recipe applied to the baseline of each training seed, each Δ against its own baseline, its mean tested "
             "against the spread of a Δ between replicates")
     if v.df:
-        text += (f" (pooled over the table's replicated recipes: sd {v.sd:.2f} pt on {v.df} degrees of freedom; "
-                 "t-test, Benjamini–Hochberg over the recipes, 5%).")
+        text += (f" (pooled over the replicated recipes of the stage that made them: {v.spreads()}; t-test, "
+                 "Benjamini–Hochberg over those recipes, 5%).")
     else:
         text += ("; no recipe here was made on two seeds, so it says \"needs replicates\" (give the stage "
                  "`baseline_seeds`, as `make report PROFILE=seeds` does).")
@@ -209,11 +233,12 @@ def resolution(v: Verdicts, replicates: tuple[int, ...] = (2, 3, 4, 6, 8)) -> pd
     Empty when no recipe was replicated."""
     import pandas as pd
 
-    if not v.df:
+    measured = {k: sd_df for k, sd_df in v.pools.items() if sd_df[1]}
+    if not measured:
         return pd.DataFrame()
-    return pd.DataFrame({"seeds per recipe": replicates,
-                         "smallest mean Δ called (pt)": [stats.resolution(v.sd, v.df, n) for n in replicates]}
-                        ).set_index("seeds per recipe")
+    return pd.DataFrame({"seeds per recipe": replicates, **{
+        "smallest mean Δ called (pt)" + (f", {k}" if len(measured) > 1 else ""): [stats.resolution(sd, df, n) for n in replicates]
+        for k, (sd, df) in measured.items()}}).set_index("seeds per recipe")
 
 
 def seeds_table(rows: list[Row], verdicts: Verdicts, fields: Callable[[Row], dict] = lambda r: {}) -> pd.DataFrame:

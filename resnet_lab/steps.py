@@ -206,14 +206,16 @@ class Result:
         return {name: models[name] for name in dict.fromkeys(self.timed_as().values())}
 
     def timed_as(self) -> dict[str, str]:
-        """Each model's name -> the model its speed is timed on: its recipe's model from the reference baseline. A replicate (the recipe on
-        another baseline seed) has the same layers and computes the same operations, so its speed is its recipe's:
-        timing it again would cost the report time and say nothing new."""
+        """Each model's name -> the model its speed is timed on: its recipe's model from the reference baseline when the
+        two have the same MACs and parameters. A replicate (the recipe on another baseline seed) with the same layer
+        shapes computes the same operations, so its speed is its recipe's: timing it again would cost the report time
+        and say nothing new. Global structured pruning keeps other channels on another seed: those are timed apart."""
         rows, first = self.result_rows(), {}
+        ops = {r.name: (r.recipe, m.row["macs"], m.row["params"]) for r, m in zip(rows, self.models)}
         reference = rows[0].replicate  # the member made from the reference baseline first, then table order
         for r in sorted(rows, key=lambda r: r.replicate != reference):
-            first.setdefault(r.recipe, r.name)
-        return {r.name: first[r.recipe] for r in rows}
+            first.setdefault(ops[r.name], r.name)
+        return {r.name: first[ops[r.name]] for r in rows}
 
     def histories(self) -> dict[str, list[dict]]:
         """The fine-tuning (or training) history of every model made here, by name (not the reference's)."""
@@ -475,12 +477,12 @@ def table(result: Result, speed: dict[str, dict] | None = None) -> pd.DataFrame:
     names, verdicts, timed = result.names(), result.verdicts(), result.timed_as()
     parents = {m.ref: m.row for m in result.models}
     rows = []
-    for name, m in zip(names, result.models):
+    for name, m, rr in zip(names, result.models, result.result_rows()):
         r, j = m.row, verdicts[name]
         base = result.root_of(m).row
         parent = parents.get(r["parent"]) if r["parent"] else None
         mac_reduction = base["macs"] / r["macs"]
-        row = {"model": name, **{k: r.get(k) for k in FIELDS},
+        row = {"model": name, **{k: r.get(k) for k in FIELDS}, "replicate": rr.replicate,
                BITS: f"{r['weight_bits']:.2f} / {r['act_bits']:.0f}", SPARSITY: 100 * r["weight_sparsity"],
                PARAMS: r["params"], NONZERO: r["nonzero_params"], MACS: r["macs"], SPARSE_MACS: r["sparse_macs"],
                MAC_REDUCTION: mac_reduction, SIZE: r["size_bytes"] / 1e3, SIZE_RATIO: r["size_bytes"] / base["size_bytes"],
@@ -506,6 +508,12 @@ def verdict_text(r: "pd.Series") -> str:
     """A model's verdict and what it rests on: "worse, recipe over 2 seeds"; the verdict alone without a basis."""
     basis = r.get(BASIS)
     return f"{r[VERDICT]}, {basis}" if isinstance(basis, str) else str(r[VERDICT])
+
+
+def first_seed(df: pd.DataFrame) -> pd.DataFrame:
+    """The models made from the reference baseline (the table's first row's seed): a headline names each recipe
+    once, with the verdict its replicates support."""
+    return df[df["replicate"] == df["replicate"].iloc[0]] if "replicate" in df and len(df) else df
 
 
 def not_worse(df: pd.DataFrame) -> pd.DataFrame:

@@ -48,8 +48,8 @@ class Summary:
     # model name -> its ONNX file and the agreement of its predictions (`onnx`), or why it could not be exported
     onnx: dict[str, export.Exported] = field(default_factory=dict)
     onnx_errors: dict[str, str] = field(default_factory=dict)
-    # model name -> the model its speed is timed on and its ONNX file made for: the first of its recipe (a
-    # replicate on another baseline seed computes the same operations: `steps.Result.timed_as`)
+    # model name -> the model its speed is timed on and its ONNX file made for: its recipe's model from the reference
+    # seed when both have the same MACs and parameters (then they compute the same operations: `steps.Result.timed_as`)
     timed: dict[str, str] = field(default_factory=dict)
     # (engine, timed model name, "throughput" or "latency") -> its `metrics.compare_speed` entry (rounds included)
     timings: dict[tuple[str, str, str], dict] = field(default_factory=dict)
@@ -102,7 +102,7 @@ def run(p: dict) -> Summary:
 
 def _rows(out: Summary) -> list[results.Row]:
     return [results.Row(r["model"], r["technique"], r["group"], r["origin"], r["replicate"], r[ACC],
-                        out.correct[r["model"]], r["recipe key"]) for r in out.rows]
+                        out.correct[r["model"]], r["recipe key"], r["notebook"]) for r in out.rows]
 
 
 def _baselines(rows: list[results.Row]) -> list[results.Row]:
@@ -163,7 +163,7 @@ class _Reader:
         entry["model"] = name
         first = self.techniques.get((stored.get("lineage") or [run.stage])[0])
         if first is not None:  # a chain is listed under the notebook whose technique starts it (04's pruned → INT8)
-            entry["notebook"] = first.notebook
+            entry["notebook"] = first.notebook  # its verdict pools its Δ spread with that notebook's recipes
         device = "cpu" if tech.cpu_only else train.pick_device(self.p["device"])
         test = self.base.dataset.test
         logits = train.predict_split(model, test, self.p["eval_batch_size"], obp["eval_flip"], device)
@@ -184,7 +184,8 @@ class _Reader:
             MACS: m["macs"], "MACs over nonzero weights": m["sparse_macs"],
             SIZE: run.file(tech.artifact).stat().st_size / 1e3,  # the file the model was loaded from
             "course score": m["score"], "MicroNet score": m["micronet_score"],
-            "stored test accuracy (%)": stored.get("test_acc"), "run": str(run), "stage": run.stage})
+            "stored test accuracy (%)": stored.get("test_acc"), "run": str(run), "stage": run.stage,
+            "notebook": entry["notebook"]})
         self.out.models[name] = model
         self.out.correct[name] = stats.correct(logits.argmax(1).numpy(), test.labels.cpu().numpy())
         self.pending.append((run, model, obp["eval_flip"], logits))
@@ -200,10 +201,11 @@ class _Reader:
             e["model"] = renamed.get(e["model"], e["model"])
         self.out.models = {renamed[k]: v for k, v in self.out.models.items()}
         self.out.correct = {renamed[k]: v for k, v in self.out.correct.items()}
-        first: dict[str, str] = {}  # its recipe's model from the reference baseline, else the first read
+        first: dict[tuple, str] = {}  # its recipe's model from the reference baseline, if of the same shapes
+        ops = {r["model"]: (r["recipe key"], r[MACS], r["parameters"]) for r in self.out.rows}
         for r in sorted(self.out.rows, key=lambda r: r["origin"] != self.base.run.key):
-            first.setdefault(r["recipe key"], r["model"])
-        self.out.timed = {r["model"]: first[r["recipe key"]] for r in self.out.rows}
+            first.setdefault(ops[r["model"]], r["model"])
+        self.out.timed = {r["model"]: first[ops[r["model"]]] for r in self.out.rows}
         if self.p["onnx"]:
             for row, (run, model, flip, logits) in zip(self.out.rows, self.pending):
                 if self.out.timed[row["model"]] == row["model"]:

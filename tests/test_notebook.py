@@ -58,7 +58,7 @@ def test_report_builds_index_and_html_then_reuses_everything(smoke_report, capsy
         assert report.silent_sections(notebook) == [], notebook.name
         page, full = (out / f"{notebook.stem}.html").read_text(), report.code_page(out / f"{notebook.stem}.html").read_text()
         assert "hl-ipython3" not in page and "hl-ipython3" in full, notebook.name  # a code input's highlighting
-        assert "application/vnd.jupyter.stderr" not in page, notebook.name
+        assert 'data-mime-type="application/vnd.jupyter.stderr"' not in page, notebook.name  # (its CSS names it)
         assert str(ROOT) not in page, notebook.name  # a path inside the repository is shown relative to it
     optuna_html = (out / "02_optuna.html").read_text()
     assert optuna_html.count("<img") >= 6 and "Traceback" not in optuna_html  # five Optuna plots + curves

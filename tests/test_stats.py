@@ -1,4 +1,5 @@
 """The statistics every accuracy and every difference is read with (resnet_lab/stats.py), on hand-made cases."""
+import dataclasses
 import math
 
 import numpy as np
@@ -194,3 +195,23 @@ def test_no_verdict_is_borrowed_from_the_baselines_absolute_spread():
     table = results.seeds_table(rows, v)
     assert list(table["n"]) == [2, 2, 2] and table.loc["a 0", results.RECIPE] == stats.WORSE
     assert table.loc["a 0", "Δ mean (pt)"] == pytest.approx(-5.0)
+
+
+def test_each_stage_pools_its_own_recipes_so_06_says_what_the_stage_said():
+    # Before: 06 pooled every recipe of the store (sd 0.56 pt), 03 only its own (sd ~0.2 pt), so BinaryConnect was
+    # "worse" in 03 and "no detectable difference" in 06. Recipe a (-1 pt, steady) pooled with b (0 ± 0.2) in stage
+    # "03"; recipes c, d of stage "04" spread by 3 pt: pooled with them a would not be called worse.
+    rows, bases = _seeds_case([-1.0, -1.1, -0.9], [0.2, -0.2, 0.0])
+    noisy, _ = _seeds_case([3.0, -3.0, 0.0], [-3.0, 3.0, 0.0])
+    noisy = [dataclasses.replace(r, name=r.name.replace("a", "c").replace("b", "d"), recipe=r.recipe.replace("a", "c").replace("b", "d"),
+                                 pool="04") for r in noisy if r.technique != "baseline"]
+    alone = results.judge(rows, bases)
+    rows = [dataclasses.replace(r, pool="03") for r in rows]
+    both = results.judge(rows + noisy, bases)
+    assert alone["a 0"].recipe.verdict == both["a 0"].recipe.verdict == stats.WORSE
+    assert both["a 0"].recipe.p == pytest.approx(alone["a 0"].recipe.p)  # 04's spread left it alone
+    assert set(both.pools) == {"03", "04"} and both.pools["03"] == pytest.approx((alone.sd, alone.df))
+    one = results.judge([dataclasses.replace(r, pool="") for r in rows + noisy], bases)  # one pool: a is lost
+    assert one["a 0"].recipe.verdict == stats.SAME
+    assert "03: sd" in both.spreads() and "04: sd" in both.spreads()
+    assert list(results.resolution(both).columns) == ["smallest mean Δ called (pt), 03", "smallest mean Δ called (pt), 04"]

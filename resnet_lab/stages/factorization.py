@@ -71,7 +71,8 @@ def left_alone(result: steps.Result) -> str:
 
 def headline(table: pd.DataFrame, max_loss: float = 3.0) -> str:
     """The most compressed fine-tuned factorized model within `max_loss` points of the baseline that no verdict
-    calls worse."""
+    calls worse (each recipe by its model from the reference seed)."""
+    table = steps.first_seed(table)
     tuned = steps.not_worse(table[(table["technique"] == "svd") & (table["mode"] == "posttraining")])
     ok = tuned[tuned[steps.DELTA] >= -max_loss]
     pick = ok if len(ok) else tuned

@@ -159,8 +159,9 @@ def table(result: steps.Result, speed: dict[str, dict] | None = None) -> pd.Data
 def headline(table: pd.DataFrame) -> str:
     """The sparsest unstructured model within 2 pt and the structured model with the largest MAC reduction within
     5 pt that no verdict calls worse (models of the `prune` step, picked by their method field, never by their name),
-    and the lowest course score with 06's filter (within `max_drop` of the baseline, not found worse)."""
-    parts = []
+    and the lowest course score with 06's filter (within `max_drop` of the baseline, not found worse); each recipe
+    by its model from the reference seed."""
+    parts, table = [], steps.first_seed(table)
     pruned = steps.not_worse(table[table["technique"] == "prune"])
     ok = pruned[(pruned["method"] == "l1") & (pruned[steps.DELTA] >= -2)]
     if len(ok):

@@ -117,8 +117,9 @@ def describe(table: pd.DataFrame, result: steps.Result) -> str:
 
 
 def headline(table: pd.DataFrame) -> str:
-    """One line of results; every Δ is against the baseline (a chained model's parent is another model)."""
-    parts = []
+    """One line of results, one entry per recipe (its model from the reference seed, with the verdict its
+    replicates support); every Δ is against the baseline (a chained model's parent is another model)."""
+    parts, table = [], steps.first_seed(table)
     for technique in ("int8", "fp16", "bf16"):
         for name, r in table[table["technique"] == technique].iterrows():
             speed = f", {r[steps.SPEEDUP]:.1f}× CPU throughput" if steps.SPEEDUP in r else ""
