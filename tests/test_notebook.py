@@ -88,6 +88,7 @@ def test_report_builds_index_and_html_then_reuses_everything(smoke_report, capsy
     summary_html = (out / "06_summary.html").read_text()
     # 5 Pareto fronts (one of ONNX Runtime latency), the two engines, speed-ups, time, layers
     assert summary_html.count("<img") == 9 and "Traceback" not in summary_html
+    summary_code = report.code_page(out / "06_summary.html").read_text()
     assert summary_html.index("The answer") < summary_html.index("Side by side")  # the answer first
     for text in ("Best per criterion", "lowest course score", "smallest file", "highest throughput at batch",
                  "Test accuracy vs size on disk", "Test accuracy vs MACs", "Test accuracy vs measured CPU latency",
@@ -96,7 +97,7 @@ def test_report_builds_index_and_html_then_reuses_everything(smoke_report, capsy
                  "combination", "L1 unstructured, global, 50% → FP16",
                  "SVD 0.25 of full rank (from scratch)", "Deployed: ONNX Runtime beside eager PyTorch",
                  "Test accuracy vs ONNX Runtime latency", "quantized (QDQ)"):
-        assert text in summary_html, text
+        assert text in summary_html + summary_code, text  # a figure title is in its call, on the code page
     assert "%, recomputed " not in summary_html  # every saved model reproduces the accuracy its run stored
     assert "href='06_summary.html'" in index and "models re-measured side by side" in index
 
